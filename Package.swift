@@ -1,0 +1,56 @@
+// swift-tools-version: 6.1
+import PackageDescription
+
+let strictSwift: [SwiftSetting] = [
+    .enableUpcomingFeature("ExistentialAny"),
+    .enableUpcomingFeature("MemberImportVisibility"),
+    .enableUpcomingFeature("InternalImportsByDefault"),
+]
+
+let package = Package(
+    name: "HyperCore",
+    products: [
+        .library(name: "HyperCore", targets: ["HyperCore"]),
+        .executable(name: "hvrun", targets: ["hvrun"]),
+    ],
+    dependencies: [
+        .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
+        .package(url: "https://github.com/apple/swift-log", from: "1.6.0"),
+        .package(url: "https://github.com/x-sheep/swift-property-based", from: "2.0.0"),
+    ],
+    targets: [
+        // The C shim: KVM ioctl numbers and structs, non-variadic ioctl wrappers,
+        // host CPUID/MSR probes and the vCPU kick signal handler.
+        .target(
+            name: "CKVM",
+            cSettings: [.define("_GNU_SOURCE")]
+        ),
+        .target(
+            name: "HyperCore",
+            dependencies: [
+                "CKVM",
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strictSwift
+        ),
+        .executableTarget(
+            name: "hvrun",
+            dependencies: [
+                "HyperCore",
+                .product(name: "ArgumentParser", package: "swift-argument-parser"),
+                .product(name: "Logging", package: "swift-log"),
+            ],
+            swiftSettings: strictSwift
+        ),
+        .testTarget(
+            name: "HyperCoreTests",
+            dependencies: [
+                "HyperCore", "CKVM",
+                .product(name: "PropertyBased", package: "swift-property-based"),
+            ],
+            exclude: ["Fixtures"],
+            swiftSettings: strictSwift
+        ),
+    ],
+    swiftLanguageModes: [.v6]
+)

@@ -1,0 +1,123 @@
+#include "CKVM.h"
+
+#include <cpuid.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/ioctl.h>
+#include <unistd.h>
+
+// MARK: - ioctl
+
+int ckvm_ioctl(int fd, unsigned long request) { return ioctl(fd, request, 0); }
+int ckvm_ioctl_arg(int fd, unsigned long request, unsigned long argument) { return ioctl(fd, request, argument); }
+int ckvm_ioctl_ptr(int fd, unsigned long request, void *pointer) { return ioctl(fd, request, pointer); }
+int ckvm_errno(void) { return errno; }
+
+// MARK: - Variable-length structs
+
+struct kvm_cpuid2 *ckvm_cpuid2_alloc(uint32_t entries) {
+    struct kvm_cpuid2 *table = calloc(1, sizeof(*table) + entries * sizeof(struct kvm_cpuid_entry2));
+    if (table) table->nent = entries;
+    return table;
+}
+
+struct kvm_cpuid_entry2 *ckvm_cpuid2_entry(struct kvm_cpuid2 *table, uint32_t index) { return &table->entries[index]; }
+
+struct kvm_msrs *ckvm_msrs_alloc(uint32_t entries) {
+    struct kvm_msrs *msrs = calloc(1, sizeof(*msrs) + entries * sizeof(struct kvm_msr_entry));
+    if (msrs) msrs->nmsrs = entries;
+    return msrs;
+}
+
+struct kvm_msr_entry *ckvm_msrs_entry(struct kvm_msrs *msrs, uint32_t index) { return &msrs->entries[index]; }
+
+struct kvm_msr_list *ckvm_msr_list_alloc(uint32_t entries) {
+    struct kvm_msr_list *list = calloc(1, sizeof(*list) + entries * sizeof(uint32_t));
+    if (list) list->nmsrs = entries;
+    return list;
+}
+
+uint32_t ckvm_msr_list_index(const struct kvm_msr_list *list, uint32_t index) { return list->indices[index]; }
+
+struct kvm_irq_routing *ckvm_irq_routing_alloc(uint32_t entries) {
+    struct kvm_irq_routing *routing = calloc(1, sizeof(*routing) + entries * sizeof(struct kvm_irq_routing_entry));
+    if (routing) routing->nr = entries;
+    return routing;
+}
+
+struct kvm_irq_routing_entry *ckvm_irq_routing_entry(struct kvm_irq_routing *routing, uint32_t index) {
+    return &routing->entries[index];
+}
+
+void ckvm_free(void *pointer) { free(pointer); }
+
+// MARK: - Kick
+
+// Each vCPU thread stores its own kvm_run here; the handler runs on the signalled thread, so it
+// reaches exactly that vCPU's mapping.
+static __thread struct kvm_run *volatile kick_run;
+
+static void kick_handler(int signal) {
+    (void)signal;
+    struct kvm_run *run = kick_run;
+    if (run) {
+        run->immediate_exit = 1;
+        atomic_signal_fence(memory_order_seq_cst);
+    }
+}
+
+int ckvm_kick_signal(void) { return SIGRTMIN + 1; }
+
+static int kick_install_result;
+
+static void kick_install_once(void) {
+    struct sigaction action;
+    memset(&action, 0, sizeof(action));
+    action.sa_handler = kick_handler;
+    sigemptyset(&action.sa_mask);
+    action.sa_flags = 0;  // no SA_RESTART: KVM_RUN must return EINTR
+    kick_install_result = sigaction(ckvm_kick_signal(), &action, NULL) == 0 ? 0 : -errno;
+}
+
+int ckvm_kick_install(void) {
+    static pthread_once_t once = PTHREAD_ONCE_INIT;
+    pthread_once(&once, kick_install_once);
+    return kick_install_result;
+}
+
+void ckvm_kick_register(struct kvm_run *run) { kick_run = run; }
+
+int ckvm_kick_thread(unsigned long thread) { return pthread_kill((pthread_t)thread, ckvm_kick_signal()); }
+
+int ckvm_kick_unblock(void) {
+    sigset_t set;
+    sigemptyset(&set);
+    sigaddset(&set, ckvm_kick_signal());
+    return pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+}
+
+// MARK: - Host probes
+
+ckvm_cpuid_regs ckvm_host_cpuid(uint32_t leaf, uint32_t subleaf) {
+    ckvm_cpuid_regs regs = {0, 0, 0, 0};
+    __cpuid_count(leaf, subleaf, regs.eax, regs.ebx, regs.ecx, regs.edx);
+    return regs;
+}
+
+int ckvm_host_read_msr(int cpu, uint32_t msr, uint64_t *value) {
+    char path[64];
+    snprintf(path, sizeof(path), "/dev/cpu/%d/msr", cpu);
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0) return -errno;
+    ssize_t n = pread(fd, value, sizeof(*value), (off_t)msr);
+    int saved = errno;
+    close(fd);
+    if (n != (ssize_t)sizeof(*value)) return n < 0 ? -saved : -EIO;
+    return 0;
+}

@@ -1,0 +1,150 @@
+// CKVM: the thin C layer under HyperCore.
+//
+// Swift cannot import function-like macros (every KVM ioctl number is one), cannot call variadic
+// ioctl(2), and must not run arbitrary Swift inside a signal handler. This header fixes exactly
+// those three gaps and nothing else: ioctl numbers re-exported as an enum of unsigned long,
+// fixed-arity ioctl wrappers, the vCPU kick handler, and host CPU probes (CPUID, MSR).
+#ifndef CKVM_H
+#define CKVM_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <linux/kvm.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+// MARK: - ioctl numbers
+
+// A fixed underlying type keeps _IOR/_IOW values above INT_MAX intact; Swift imports these as UInt.
+enum : unsigned long {
+    // System (/dev/kvm)
+    CKVM_GET_API_VERSION = KVM_GET_API_VERSION,
+    CKVM_CREATE_VM = KVM_CREATE_VM,
+    CKVM_CHECK_EXTENSION = KVM_CHECK_EXTENSION,
+    CKVM_GET_VCPU_MMAP_SIZE = KVM_GET_VCPU_MMAP_SIZE,
+    CKVM_GET_SUPPORTED_CPUID = KVM_GET_SUPPORTED_CPUID,
+    CKVM_GET_MSR_INDEX_LIST = KVM_GET_MSR_INDEX_LIST,
+    // VM
+    CKVM_SET_USER_MEMORY_REGION = KVM_SET_USER_MEMORY_REGION,
+    CKVM_CREATE_VCPU = KVM_CREATE_VCPU,
+    CKVM_CREATE_IRQCHIP = KVM_CREATE_IRQCHIP,
+    CKVM_CREATE_PIT2 = KVM_CREATE_PIT2,
+    CKVM_SET_TSS_ADDR = KVM_SET_TSS_ADDR,
+    CKVM_SET_IDENTITY_MAP_ADDR = KVM_SET_IDENTITY_MAP_ADDR,
+    CKVM_IRQ_LINE = KVM_IRQ_LINE,
+    CKVM_IRQ_LINE_STATUS = KVM_IRQ_LINE_STATUS,
+    CKVM_SIGNAL_MSI = KVM_SIGNAL_MSI,
+    CKVM_SET_GSI_ROUTING = KVM_SET_GSI_ROUTING,
+    CKVM_IRQFD = KVM_IRQFD,
+    CKVM_IOEVENTFD = KVM_IOEVENTFD,
+    CKVM_GET_DIRTY_LOG = KVM_GET_DIRTY_LOG,
+    CKVM_GET_CLOCK = KVM_GET_CLOCK,
+    CKVM_SET_CLOCK = KVM_SET_CLOCK,
+    CKVM_GET_IRQCHIP = KVM_GET_IRQCHIP,
+    CKVM_SET_IRQCHIP = KVM_SET_IRQCHIP,
+    CKVM_GET_PIT2 = KVM_GET_PIT2,
+    CKVM_SET_PIT2 = KVM_SET_PIT2,
+    CKVM_ENABLE_CAP = KVM_ENABLE_CAP,
+    // vCPU
+    CKVM_RUN = KVM_RUN,
+    CKVM_GET_REGS = KVM_GET_REGS,
+    CKVM_SET_REGS = KVM_SET_REGS,
+    CKVM_GET_SREGS = KVM_GET_SREGS,
+    CKVM_SET_SREGS = KVM_SET_SREGS,
+    CKVM_GET_FPU = KVM_GET_FPU,
+    CKVM_SET_FPU = KVM_SET_FPU,
+    CKVM_GET_MSRS = KVM_GET_MSRS,
+    CKVM_SET_MSRS = KVM_SET_MSRS,
+    CKVM_SET_CPUID2 = KVM_SET_CPUID2,
+    CKVM_GET_CPUID2 = KVM_GET_CPUID2,
+    CKVM_GET_LAPIC = KVM_GET_LAPIC,
+    CKVM_SET_LAPIC = KVM_SET_LAPIC,
+    CKVM_GET_XSAVE = KVM_GET_XSAVE,
+    CKVM_SET_XSAVE = KVM_SET_XSAVE,
+    CKVM_GET_XCRS = KVM_GET_XCRS,
+    CKVM_SET_XCRS = KVM_SET_XCRS,
+    CKVM_GET_VCPU_EVENTS = KVM_GET_VCPU_EVENTS,
+    CKVM_SET_VCPU_EVENTS = KVM_SET_VCPU_EVENTS,
+    CKVM_GET_MP_STATE = KVM_GET_MP_STATE,
+    CKVM_SET_MP_STATE = KVM_SET_MP_STATE,
+    CKVM_SET_SIGNAL_MASK = KVM_SET_SIGNAL_MASK,
+    CKVM_INTERRUPT = KVM_INTERRUPT,
+    CKVM_NMI = KVM_NMI,
+};
+
+// MARK: - Non-variadic ioctl wrappers
+//
+// They return the raw ioctl result; on -1 errno is set. No retry on EINTR here: for KVM_RUN an
+// EINTR is a kick and must reach the caller, and the Swift layer decides retry policy per call.
+
+int ckvm_ioctl(int fd, unsigned long request);
+int ckvm_ioctl_arg(int fd, unsigned long request, unsigned long argument);
+int ckvm_ioctl_ptr(int fd, unsigned long request, void *_Nullable pointer);
+/// errno of the calling thread (Swift 6 cannot read glibc's errno macro reliably across modules).
+int ckvm_errno(void);
+
+// MARK: - Variable-length KVM structs
+//
+// kvm_cpuid2, kvm_msrs, kvm_msr_list, kvm_irq_routing and kvm_signal_mask end in flexible arrays
+// Swift cannot allocate. These helpers size them; the caller frees with free().
+
+struct kvm_cpuid2 *_Nullable ckvm_cpuid2_alloc(uint32_t entries);
+struct kvm_cpuid_entry2 *_Nonnull ckvm_cpuid2_entry(struct kvm_cpuid2 *_Nonnull table, uint32_t index);
+struct kvm_msrs *_Nullable ckvm_msrs_alloc(uint32_t entries);
+struct kvm_msr_entry *_Nonnull ckvm_msrs_entry(struct kvm_msrs *_Nonnull msrs, uint32_t index);
+struct kvm_msr_list *_Nullable ckvm_msr_list_alloc(uint32_t entries);
+uint32_t ckvm_msr_list_index(const struct kvm_msr_list *_Nonnull list, uint32_t index);
+struct kvm_irq_routing *_Nullable ckvm_irq_routing_alloc(uint32_t entries);
+struct kvm_irq_routing_entry *_Nonnull ckvm_irq_routing_entry(struct kvm_irq_routing *_Nonnull routing, uint32_t index);
+void ckvm_free(void *_Nullable pointer);
+
+// MARK: - vCPU kick
+//
+// A vCPU thread registers its kvm_run mapping; a real-time signal delivered to that thread (by
+// pthread_kill) sets kvm_run->immediate_exit, so KVM_RUN returns EINTR at once, whether the signal
+// arrives before KVM_RUN is entered or while the guest runs. The handler is C so it stays
+// async-signal-safe and never enters the Swift runtime. Installed without SA_RESTART.
+
+/// The signal number used for kicks (SIGRTMIN + 1, leaving SIGRTMIN to others).
+int ckvm_kick_signal(void);
+/// Installs the process-wide handler once. Returns 0 or -errno.
+int ckvm_kick_install(void);
+/// Registers the calling thread's kvm_run (NULL to unregister).
+void ckvm_kick_register(struct kvm_run *_Nullable run);
+/// Sends the kick signal to a thread. Returns 0 or an errno value.
+int ckvm_kick_thread(unsigned long thread);
+/// Unblocks the kick signal on the calling thread (a vCPU thread must be able to receive it).
+int ckvm_kick_unblock(void);
+
+// MARK: - kvm_run helpers
+
+static inline uint8_t *_Nonnull ckvm_run_io_data(struct kvm_run *_Nonnull run) {
+    return (uint8_t *)run + run->io.data_offset;
+}
+
+// MARK: - Host CPU probes
+
+typedef struct {
+    uint32_t eax, ebx, ecx, edx;
+} ckvm_cpuid_regs;
+
+/// Executes CPUID on the host CPU.
+ckvm_cpuid_regs ckvm_host_cpuid(uint32_t leaf, uint32_t subleaf);
+/// Reads an MSR through /dev/cpu/<cpu>/msr. Returns 0 or -errno (ENOENT: no msr module;
+/// EACCES/EPERM: not root; EIO: the MSR does not exist on this CPU).
+int ckvm_host_read_msr(int cpu, uint32_t msr, uint64_t *_Nonnull value);
+
+/// Reads the time-stamp counter (for benchmarks and the boot timer).
+static inline uint64_t ckvm_rdtsc(void) {
+    uint32_t lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((uint64_t)hi << 32) | lo;
+}
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif

@@ -1,0 +1,6 @@
+import ArgumentParser
+
+struct DiskCommand: ParsableCommand {
+    static let configuration = CommandConfiguration(commandName: "disk", abstract: "Create, inspect and convert VHDX disks.")
+    func run() throws {}
+}
