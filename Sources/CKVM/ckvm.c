@@ -10,6 +10,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/ioctl.h>
+#include <time.h>
 #include <unistd.h>
 
 // MARK: - ioctl
@@ -100,6 +101,26 @@ int ckvm_kick_unblock(void) {
     sigemptyset(&set);
     sigaddset(&set, ckvm_kick_signal());
     return pthread_sigmask(SIG_UNBLOCK, &set, NULL);
+}
+
+// MARK: - Threads
+
+void ckvm_thread_set_name(const char *name) {
+    char truncated[16];
+    snprintf(truncated, sizeof(truncated), "%s", name);
+    pthread_setname_np(pthread_self(), truncated);
+}
+
+int ckvm_thread_join(unsigned long thread, int milliseconds) {
+    struct timespec deadline;
+    clock_gettime(CLOCK_REALTIME, &deadline);
+    deadline.tv_sec += milliseconds / 1000;
+    deadline.tv_nsec += (long)(milliseconds % 1000) * 1000000L;
+    if (deadline.tv_nsec >= 1000000000L) {
+        deadline.tv_sec += 1;
+        deadline.tv_nsec -= 1000000000L;
+    }
+    return pthread_timedjoin_np((pthread_t)thread, NULL, &deadline);
 }
 
 // MARK: - Host probes

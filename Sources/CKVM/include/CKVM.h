@@ -118,6 +118,13 @@ int ckvm_kick_thread(unsigned long thread);
 /// Unblocks the kick signal on the calling thread (a vCPU thread must be able to receive it).
 int ckvm_kick_unblock(void);
 
+// MARK: - Threads (GNU extensions Swift's Glibc module does not expose)
+
+/// Names the calling thread (at most 15 characters are kept).
+void ckvm_thread_set_name(const char *_Nonnull name);
+/// Joins a thread, giving up after `milliseconds`. Returns 0, ETIMEDOUT or another errno value.
+int ckvm_thread_join(unsigned long thread, int milliseconds);
+
 // MARK: - kvm_run helpers
 
 static inline uint8_t *_Nonnull ckvm_run_io_data(struct kvm_run *_Nonnull run) {

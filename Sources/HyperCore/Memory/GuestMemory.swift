@@ -129,6 +129,12 @@ public final class GuestMemory: @unchecked Sendable {
         bytes.withUnsafeBytes { destination.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
     }
 
+    public func write(at address: UInt64, bytes: ArraySlice<UInt8>) throws(GuestMemoryError) {
+        guard !bytes.isEmpty else { return }
+        let destination = try checkedPointer(at: address, count: bytes.count)
+        bytes.withUnsafeBytes { destination.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+    }
+
     public func readBytes(at address: UInt64, count: Int) throws(GuestMemoryError) -> [UInt8] {
         let source = try checkedPointer(at: address, count: count)
         return Array(UnsafeRawBufferPointer(start: source, count: count))

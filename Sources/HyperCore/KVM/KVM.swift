@@ -1,0 +1,110 @@
+internal import CKVM
+#if canImport(Glibc)
+internal import Glibc
+#endif
+
+/// The KVM system handle: an open `/dev/kvm`.
+///
+/// Each ioctl is one method; the method's documentation names the ioctl. Creating a
+/// ``VirtualMachine`` is the way on to VM-level calls.
+public final class KVM: Sendable {
+    /// The file descriptor of `/dev/kvm`.
+    public let fileDescriptor: Int32
+    public let path: String
+
+    /// Opens `/dev/kvm` (or another path, for tests) and checks that the API version is 12.
+    public init(path: String = "/dev/kvm") throws(KVMError) {
+        let fd = open(path, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { throw KVMError(operation: "open(\(path))", errno: errno) }
+        self.fileDescriptor = fd
+        self.path = path
+        let version = ckvm_ioctl(fd, CKVM_GET_API_VERSION)
+        guard version == KVM_API_VERSION else {
+            close(fd)
+            throw KVMError(operation: "KVM_GET_API_VERSION", errno: version < 0 ? ckvm_errno() : 0,
+                           detail: "the kernel reports API version \(version); HyperCore needs \(KVM_API_VERSION)")
+        }
+    }
+
+    deinit { close(fileDescriptor) }
+
+    /// `KVM_GET_API_VERSION`. Always 12 for an opened handle.
+    public var apiVersion: Int32 { ckvm_ioctl(fileDescriptor, CKVM_GET_API_VERSION) }
+
+    /// `KVM_CHECK_EXTENSION`: 0 when absent, otherwise a positive, capability-specific value.
+    public func checkExtension(_ capability: Int32) -> Int32 {
+        max(0, ckvm_ioctl_arg(fileDescriptor, CKVM_CHECK_EXTENSION, UInt(capability)))
+    }
+
+    /// `KVM_GET_VCPU_MMAP_SIZE`: the size of each vCPU's `kvm_run` mapping.
+    public func vcpuMapSize() throws(KVMError) -> Int {
+        let size = ckvm_ioctl(fileDescriptor, CKVM_GET_VCPU_MMAP_SIZE)
+        guard size > 0 else { throw KVMError(operation: "KVM_GET_VCPU_MMAP_SIZE", errno: ckvm_errno()) }
+        return Int(size)
+    }
+
+    /// `KVM_GET_SUPPORTED_CPUID`: the CPUID leaves KVM can present to a guest.
+    public func supportedCPUID() throws(KVMError) -> CPUIDTable {
+        var capacity: UInt32 = 128
+        while capacity <= 4096 {
+            guard let table = ckvm_cpuid2_alloc(capacity) else {
+                throw KVMError(operation: "KVM_GET_SUPPORTED_CPUID", errno: ENOMEM)
+            }
+            defer { ckvm_free(table) }
+            if ckvm_ioctl_ptr(fileDescriptor, CKVM_GET_SUPPORTED_CPUID, table) == 0 {
+                return CPUIDTable(copying: table)
+            }
+            let code = ckvm_errno()
+            guard code == E2BIG else { throw KVMError(operation: "KVM_GET_SUPPORTED_CPUID", errno: code) }
+            capacity *= 2
+        }
+        throw KVMError(operation: "KVM_GET_SUPPORTED_CPUID", errno: E2BIG)
+    }
+
+    /// `KVM_GET_MSR_INDEX_LIST`: the MSRs KVM saves and restores for a vCPU.
+    public func msrIndexList() throws(KVMError) -> [UInt32] {
+        var capacity: UInt32 = 256
+        while capacity <= 16384 {
+            guard let list = ckvm_msr_list_alloc(capacity) else {
+                throw KVMError(operation: "KVM_GET_MSR_INDEX_LIST", errno: ENOMEM)
+            }
+            defer { ckvm_free(list) }
+            if ckvm_ioctl_ptr(fileDescriptor, CKVM_GET_MSR_INDEX_LIST, list) == 0 {
+                return (0..<list.pointee.nmsrs).map { ckvm_msr_list_index(list, $0) }
+            }
+            let code = ckvm_errno()
+            guard code == E2BIG else { throw KVMError(operation: "KVM_GET_MSR_INDEX_LIST", errno: code) }
+            capacity *= 2
+        }
+        throw KVMError(operation: "KVM_GET_MSR_INDEX_LIST", errno: E2BIG)
+    }
+
+    /// `KVM_CREATE_VM` (type 0: the default x86 VM).
+    public func createVirtualMachine() throws(KVMError) -> VirtualMachine {
+        var fd: Int32
+        repeat { fd = ckvm_ioctl_arg(fileDescriptor, CKVM_CREATE_VM, 0) } while fd < 0 && ckvm_errno() == EINTR
+        guard fd >= 0 else { throw KVMError(operation: "KVM_CREATE_VM", errno: ckvm_errno()) }
+        return VirtualMachine(fileDescriptor: fd, vcpuMapSize: try vcpuMapSize())
+    }
+}
+
+/// Capabilities HyperCore cannot run without, checked when a machine is assembled.
+public enum RequiredCapabilities {
+    /// `(KVM_CAP_* value, name)` pairs.
+    public static let all: [(capability: Int32, name: String)] = [
+        (KVM_CAP_IRQCHIP, "KVM_CAP_IRQCHIP"),
+        (KVM_CAP_USER_MEMORY, "KVM_CAP_USER_MEMORY"),
+        (KVM_CAP_SET_TSS_ADDR, "KVM_CAP_SET_TSS_ADDR"),
+        (KVM_CAP_EXT_CPUID, "KVM_CAP_EXT_CPUID"),
+        (KVM_CAP_PIT2, "KVM_CAP_PIT2"),
+        (KVM_CAP_IOEVENTFD, "KVM_CAP_IOEVENTFD"),
+        (KVM_CAP_IRQFD, "KVM_CAP_IRQFD"),
+        (KVM_CAP_IRQ_ROUTING, "KVM_CAP_IRQ_ROUTING"),
+        (KVM_CAP_IMMEDIATE_EXIT, "KVM_CAP_IMMEDIATE_EXIT"),
+    ]
+
+    /// Names of the required capabilities this KVM lacks.
+    public static func missing(in kvm: KVM) -> [String] {
+        all.filter { kvm.checkExtension($0.capability) == 0 }.map(\.name)
+    }
+}
