@@ -1,4 +1,7 @@
 import ArgumentParser
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `hvrun`: a one-shot VM launcher, a host capability check and VHDX tooling.
 @main
@@ -14,4 +17,29 @@ struct HVRun: ParsableCommand {
         subcommands: [RunCommand.self, CheckCommand.self, DiskCommand.self],
         defaultSubcommand: RunCommand.self
     )
+
+    /// Runs the command with hvrun's exit statuses: usage and host errors are one line on stderr
+    /// and status 1 (ArgumentParser's default for usage errors is 64); commands report their own
+    /// statuses by throwing `ExitCode`.
+    static func main() {
+        let command: any ParsableCommand
+        do {
+            command = try parseAsRoot()
+        } catch {
+            let code = exitCode(for: error)
+            if code == .success { exit(withError: error) } // --help, --version
+            printError(fullMessage(for: error))
+            Glibc.exit(1)
+        }
+        do {
+            var mutable = command
+            try mutable.run()
+            Glibc.exit(0)
+        } catch let code as ExitCode {
+            Glibc.exit(code.rawValue)
+        } catch {
+            printError("hvrun: \(error)")
+            Glibc.exit(1)
+        }
+    }
 }

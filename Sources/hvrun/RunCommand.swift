@@ -1,6 +1,98 @@
 import ArgumentParser
+import HyperCore
 
+/// `hvrun run`: boot a guest, connect its console to the terminal, exit with the guest.
+///
+/// Exit status: 0 when the guest resets or powers off; the byte the guest wrote to the debug-exit
+/// port (0x501); 3 when the guest fails (triple fault, KVM internal error); 124 when --timeout
+/// expires; 130 on Ctrl-C; 1 for a host or usage error.
 struct RunCommand: ParsableCommand {
-    static let configuration = CommandConfiguration(commandName: "run", abstract: "Boot a guest and exit with it.")
-    func run() throws {}
+    static let configuration = CommandConfiguration(
+        commandName: "run",
+        abstract: "Boot a guest and exit with it (the default command).",
+        discussion: """
+            Without --kernel, runs the small guest embedded in hvrun. The guest's serial console \
+            (COM1) is this terminal.
+            Exit status: 0 guest reset or power-off; N the guest wrote N to the debug-exit port 0x501; \
+            3 guest failure (triple fault, KVM internal error); 124 --timeout expired; 130 interrupted; \
+            1 host or usage error.
+            """
+    )
+
+    @Option(name: [.short, .long], help: ArgumentHelp("PVH ELF kernel to boot (a vmlinux, or a test guest).", valueName: "file"),
+            completion: .file())
+    var kernel: String?
+
+    @Option(help: ArgumentHelp("Initial ramdisk, passed to the kernel as PVH module 0.", valueName: "file"), completion: .file())
+    var initrd: String?
+
+    @Option(help: ArgumentHelp("Kernel command line.", valueName: "string"))
+    var cmdline: String = "console=ttyS0"
+
+    @Option(name: [.short, .long], help: ArgumentHelp("Guest RAM, e.g. 256M or 2G (a bare number is MiB).", valueName: "size"))
+    var memory: ByteCount = ByteCount(bytes: 256 << 20)
+
+    @Option(name: [.short, .long], help: "Number of vCPUs.")
+    var cpus: Int = 1
+
+    @Option(help: ArgumentHelp("Stop the guest after this many seconds (exit status 124).", valueName: "seconds"))
+    var timeout: Double?
+
+    @Option(help: ArgumentHelp("Also write the console output to this file.", valueName: "file"), completion: .file())
+    var consoleLog: String?
+
+    func validate() throws {
+        guard (1...MachineConfiguration.maximumCPUs).contains(cpus) else {
+            throw ValidationError("--cpus must be between 1 and \(MachineConfiguration.maximumCPUs)")
+        }
+        if let timeout, !(timeout > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
+        if initrd != nil, kernel == nil { throw ValidationError("--initrd needs --kernel") }
+    }
+
+    func run() throws {
+        let boot: MachineConfiguration.Boot
+        if let kernel {
+            let kernelBytes = try ImageFile.read(kernel)
+            let initrdBytes = try initrd.map { path throws(BootError) in try ImageFile.read(path) }
+            boot = .pvh(kernel: kernelBytes, kernelName: kernel, initrd: initrdBytes, commandLine: cmdline)
+        } else {
+            boot = .pvh(kernel: embeddedGuestELF, kernelName: "embedded guest", initrd: nil, commandLine: cmdline)
+        }
+        var configuration = MachineConfiguration(boot: boot)
+        configuration.memorySize = memory.bytes
+        configuration.cpuCount = cpus
+        if let consoleLog {
+            configuration.console = TeeOutput([FileDescriptorOutput.standardOutput, try FileDescriptorOutput(path: consoleLog)])
+        }
+
+        let session = TerminalSession()
+        let machine = try Machine(configuration)
+        session.forwardInput(to: machine.serial)
+        session.onInterrupt { machine.stop() }
+        let exit = try machine.run(timeout: timeout.map { .milliseconds(Int64(($0 * 1000).rounded())) })
+        session.restore()
+        throw ExitCode(Self.status(for: exit, interrupted: session.wasInterrupted))
+    }
+
+    /// Maps how the run ended to the process exit status (and says why on stderr when it failed).
+    static func status(for exit: MachineExit, interrupted: Bool) -> Int32 {
+        switch exit {
+        case .reset, .powerOff, .halted:
+            return 0
+        case let .debugExit(code):
+            return Int32(code)
+        case let .guestFailure(failure):
+            printError("hvrun: the guest failed: \(failure)")
+            return 3
+        case .timedOut:
+            printError("hvrun: --timeout expired; the guest was stopped")
+            return 124
+        case .stopped:
+            if interrupted { printError("hvrun: interrupted; the guest was stopped") }
+            return interrupted ? 130 : 0
+        case let .hostError(message):
+            printError("hvrun: \(message)")
+            return 1
+        }
+    }
 }

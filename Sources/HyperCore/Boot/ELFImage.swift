@@ -186,6 +186,8 @@ public enum BootError: Error, Equatable, Sendable, CustomStringConvertible {
     case commandLineTooLong(length: Int, maximum: Int)
     case notBzImage(file: String, detail: String)
     case unsupported(file: String, detail: String)
+    case cannotRead(file: String, errno: Int32)
+    case tooLarge(file: String, size: UInt64, maximum: UInt64)
 
     public var description: String {
         switch self {
@@ -205,6 +207,10 @@ public enum BootError: Error, Equatable, Sendable, CustomStringConvertible {
             return "\(file): not a bzImage: \(detail)"
         case let .unsupported(file, detail):
             return "\(file): \(detail)"
+        case let .cannotRead(file, errno):
+            return "\(file): cannot read: \(SystemError.describe(errno))"
+        case let .tooLarge(file, size, maximum):
+            return "\(file): \(size) bytes is larger than the \(maximum >> 20) MiB this loader accepts"
         }
     }
 }
