@@ -1,0 +1,110 @@
+#!/usr/bin/env bash
+# Boots every PVH guest on QEMU (KVM) and checks its output lines and exit
+# status: QEMU is the reference the HyperCore integration tests agree with.
+# Usage: qemu-check.sh [OUT]   (guests are built into OUT, default ./out)
+set -u
+here=$(cd "$(dirname "$0")" && pwd)
+out=$(realpath -m "${1:-$here/out}")
+make -s -C "$here" OUT="$out" >/dev/null || exit 1
+
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+failures=0
+
+# run LIMIT_S GUEST QEMU_ARGS...: boots GUEST; sets $status and $output.
+run() {
+	local limit=$1 guest=$2
+	shift 2
+	current=$guest
+	timeout "$limit" qemu-system-x86_64 -M q35 -accel kvm -m 128 -nodefaults \
+		-nographic -no-reboot -display none -monitor none -serial stdio \
+		-device isa-debug-exit,iobase=0x501,iosize=2 \
+		-kernel "$out/$guest" "$@" >"$tmp/out" 2>"$tmp/err" </dev/null
+	status=$?
+	# SeaBIOS prints before the guest, without a newline after its last word.
+	output=$(tr -d '\r' <"$tmp/out" | sed 's/^.*Booting from ROM\.\.//')
+}
+
+fail() {
+	echo "FAIL $current: $*"
+	sed 's/^/    | /' <<<"$output"
+	failures=$((failures + 1))
+}
+
+# expect STATUS PATTERN...: every glob PATTERN must match a whole output line.
+expect() {
+	local want=$1 pattern line found
+	shift
+	[ "$status" -eq "$want" ] || { fail "exit status $status, want $want"; return; }
+	for pattern in "$@"; do
+		found=
+		while IFS= read -r line; do
+			# shellcheck disable=SC2053 # glob match on purpose
+			[[ $line == $pattern ]] && { found=1; break; }
+		done <<<"$output"
+		[ -n "$found" ] || { fail "no line matching '$pattern'"; return; }
+	done
+	echo "ok   $current"
+}
+
+# QEMU exits with (v << 1) | 1 for a debug-exit write of v, and 0 on reset.
+qexit() { echo $((($1 << 1) | 1)); }
+
+run 30 default.elf -append "console=ttyS0 hello"
+expect 0 "Hello from HyperCore guest" "cpu_vendor=?*" "cpuid_max_leaf=0x*" \
+	"mem_total=[1-9]*" "mem_mib=12[0-9]" "memmap_entries=[1-9]*" \
+	"cmdline=console=ttyS0 hello" "bye"
+
+printf '\x00\x01\x02\x03\x04\x05\x06\x07\x08\x09\x0a\x0b\x0c\x0d\x0e\x0f\xff\xfe' >"$tmp/initrd"
+run 30 pvhinfo.elf -append "root=/dev/vda quiet" -initrd "$tmp/initrd"
+expect "$(qexit 0x31)" "magic=0x336ec578" "version=1" "cmdline=root=/dev/vda quiet" \
+	"memmap=0x0,0x9fc00,1" "memmap=0x100000,0x*,1" "memmap_entries=*" "modules=1" \
+	"module0=0x*,0x12" "module0_head=000102030405060708090a0b0c0d0e0f"
+
+run 30 pvhinfo.elf
+expect "$(qexit 0x31)" "magic=0x336ec578" "cmdline=" "modules=0"
+
+run 30 uart.elf
+expect "$(qexit 0x32)" "scr=0x5a,0xa5" "lcr_dlab=0x83" "divisor=0x0c,0x00" "lcr=0x03" \
+	"ier=0x0f,0x00" "iir_nofifo=0x01" "iir_fifo=0xc1" "iir_thri=0xc2,0xc1" \
+	"lsr_idle=0x60" "mcr_loop=0x1f" "msr_loop=0x00,0x90,0xf0" "lsr_loop=0x61" \
+	"loop_rx=0x41,0x42" "lsr_drained=0x60"
+
+run 30 reset.elf
+expect 0 "resetting"
+
+run 30 exit.elf -append "code=42"
+expect "$(qexit 42)" "code=42"
+
+run 30 exit.elf -append "code=0x7"
+expect "$(qexit 7)" "code=7"
+
+run 30 exit.elf
+expect "$(qexit 0x7f)" "error=need code=0..255"
+
+run 8 spin.elf
+expect 124 "spinning"
+
+run 30 mmio.elf -append "mmio=0xd0000000"
+expect "$(qexit 0x33)" "mmio=0xd0000000" "read32=0x0" "read64=0x0"
+
+run 30 exc.elf
+expect "$(qexit 0x36)" "ud=1" "de=1"
+
+run 60 piobench.elf -append "n=20000"
+expect 0 "n=20000" "cycles=[1-9]*" "cycles_per_exit=[1-9]*"
+
+run 30 smp.elf -append "cpus=1"
+expect "$(qexit 0x35)" "cpus=1" "bsp_apic_id=0" "aps=0"
+
+run 60 smp.elf -smp 2 -append "cpus=2"
+expect "$(qexit 0x35)" "cpus=2" "bsp_apic_id=0" "aps=1" "ap_apic_id=1"
+
+run 60 smp.elf -smp 4 -append "cpus=4"
+expect "$(qexit 0x35)" "cpus=4" "aps=3" "ap_apic_id=1" "ap_apic_id=2" "ap_apic_id=3"
+
+if [ "$failures" -ne 0 ]; then
+	echo "$failures check(s) failed"
+	exit 1
+fi
+echo "all guests behave on QEMU"
