@@ -14,7 +14,7 @@ extension HostCheck {
                 return [
                     CheckResult(
                         name, .fail, "\(loaded): \(expected.rawValue) is missing",
-                        hint: "sudo modprobe \(expected.rawValue) (it refuses to load while virtualization is disabled in firmware)")
+                        hint: "sudo modprobe \(expected.rawValue) (if it refuses to load, enable virtualization in the firmware setup)")
                 ]
             }
             return [
