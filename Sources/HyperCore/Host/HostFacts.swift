@@ -109,6 +109,12 @@ public struct CallerIdentity: Hashable, Sendable {
         public var name: String
         public var id: UInt32
         public var members: [String]
+
+        public init(name: String, id: UInt32, members: [String]) {
+            self.name = name
+            self.id = id
+            self.members = members
+        }
     }
 
     /// Real uid; nil when `/proc/self/status` was unreadable.
