@@ -1,5 +1,5 @@
 /// A minimal JSON writer: HyperCore avoids Foundation to keep hvrun's memory footprint small.
-enum JSONValue: Hashable, Sendable {
+enum JSONValue: Sendable {
     case null
     case bool(Bool)
     case number(Int64)
@@ -7,9 +7,6 @@ enum JSONValue: Hashable, Sendable {
     case array([JSONValue])
     /// Keys keep their order, so output is stable and reads in a sensible order.
     case object([(String, JSONValue)])
-
-    static func == (lhs: JSONValue, rhs: JSONValue) -> Bool { lhs.rendered() == rhs.rendered() }
-    func hash(into hasher: inout Hasher) { hasher.combine(rendered()) }
 
     /// Compact JSON text.
     func rendered() -> String {
