@@ -65,6 +65,11 @@ struct HostCheckBranchTests {
         #expect(report.check(named: "device.access")?.hint == "add yourself to group hypervisor: sudo usermod -aG hypervisor $USER, then log in again")
     }
 
+    @Test func missingKVMGroupIsCreatedFirst() throws {
+        let report = try evaluate("permission-denied-root-only-node") { $0.caller.groups.removeAll { $0.name == "kvm" } }
+        #expect(report.check(named: "device.access")?.hint?.hasPrefix("create the group (sudo groupadd --system kvm), then add yourself") == true)
+    }
+
     @Test func devKVMMissingWhileModuleLoadedPointsAtContainerOrMknod() throws {
         let report = try evaluate("intel-bare-metal-ept") { $0.device = KVMDeviceFacts(node: .failure(.noSuchFile)) }
         let node = try #require(report.check(named: "device.node"))

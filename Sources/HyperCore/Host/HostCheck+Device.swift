@@ -91,7 +91,9 @@ extension HostCheck {
     /// The fix depends on who owns the node: joining a `kvm` group only helps if the node is
     /// group-accessible to `kvm`, and a new group takes effect only in a new login session.
     static func permissionHint(_ node: KVMDeviceFacts.Node, _ caller: CallerIdentity) -> String {
-        let join = "add yourself to the kvm group: sudo usermod -aG kvm $USER, then log in again"
+        // Some distributions (and minimal images) ship no kvm group at all.
+        let create = caller.groups.isEmpty || caller.group(named: "kvm") != nil ? "" : "create the group (sudo groupadd --system kvm), then "
+        let join = "\(create)add yourself to the kvm group: sudo usermod -aG kvm $USER, then log in again"
         let udev = "a udev rule KERNEL==\"kvm\", GROUP=\"kvm\", MODE=\"0660\" (e.g. in /etc/udev/rules.d/65-kvm.rules, then sudo udevadm trigger)"
         let group = caller.group(id: node.groupID)
         let groupCanAccess = node.mode & 0o060 == 0o060
