@@ -88,23 +88,13 @@ public final class KVM: Sendable {
     }
 }
 
-/// Capabilities HyperCore cannot run without, checked when a machine is assembled.
+/// Capabilities HyperCore cannot run without, checked when a machine is assembled. The list is
+/// the host check's catalog, so `hvrun check` and ``Machine`` agree on what "required" means.
 public enum RequiredCapabilities {
-    /// `(KVM_CAP_* value, name)` pairs.
-    public static let all: [(capability: Int32, name: String)] = [
-        (KVM_CAP_IRQCHIP, "KVM_CAP_IRQCHIP"),
-        (KVM_CAP_USER_MEMORY, "KVM_CAP_USER_MEMORY"),
-        (KVM_CAP_SET_TSS_ADDR, "KVM_CAP_SET_TSS_ADDR"),
-        (KVM_CAP_EXT_CPUID, "KVM_CAP_EXT_CPUID"),
-        (KVM_CAP_PIT2, "KVM_CAP_PIT2"),
-        (KVM_CAP_IOEVENTFD, "KVM_CAP_IOEVENTFD"),
-        (KVM_CAP_IRQFD, "KVM_CAP_IRQFD"),
-        (KVM_CAP_IRQ_ROUTING, "KVM_CAP_IRQ_ROUTING"),
-        (KVM_CAP_IMMEDIATE_EXIT, "KVM_CAP_IMMEDIATE_EXIT"),
-    ]
+    public static var all: [KVMCapabilityRequirement] { KVMCapabilityCatalog.all.filter { $0.level == .required } }
 
-    /// Names of the required capabilities this KVM lacks.
+    /// `KVM_CAP_*` names of the required capabilities this KVM lacks.
     public static func missing(in kvm: KVM) -> [String] {
-        all.filter { kvm.checkExtension($0.capability) == 0 }.map(\.name)
+        all.filter { kvm.checkExtension($0.number) == 0 }.map { "KVM_CAP_" + $0.name }
     }
 }
