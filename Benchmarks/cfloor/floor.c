@@ -249,9 +249,6 @@ int main(int argc, char **argv)
 	IOCTL(vm, KVM_SET_TSS_ADDR, TSS_ADDR);
 	uint64_t identity_map = IDENTITY_MAP_ADDR;
 	IOCTL(vm, KVM_SET_IDENTITY_MAP_ADDR, &identity_map);
-	IOCTL(vm, KVM_CREATE_IRQCHIP, 0);
-	struct kvm_pit_config pit = { .flags = 0 };
-	IOCTL(vm, KVM_CREATE_PIT2, &pit);
 
 	mem = mmap(NULL, mem_size, PROT_READ | PROT_WRITE,
 		   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
@@ -262,6 +259,13 @@ int main(int argc, char **argv)
 		.userspace_addr = (uintptr_t)mem,
 	};
 	IOCTL(vm, KVM_SET_USER_MEMORY_REGION, &slot);
+	/*
+	 * After the memory slot: on this project's PVM hosts adding the first
+	 * slot to a VM that already has an irqchip costs about 5 ms more.
+	 */
+	IOCTL(vm, KVM_CREATE_IRQCHIP, 0);
+	struct kvm_pit_config pit = { .flags = 0 };
+	IOCTL(vm, KVM_CREATE_PIT2, &pit);
 
 	uint32_t entry = load_pvh_elf(argv[1]);
 	write_start_info(cmdline);
