@@ -31,15 +31,14 @@ struct HVRunProcessTests {
 
     @Test("the debug-exit byte becomes the exit status", .timeLimit(.minutes(1)))
     func debugExitStatus() throws {
-        let result = try TestHost.hvrun(["run", "--kernel", GuestImages.path("exit.elf"), "--cmdline", "code=42"], timeoutSeconds: 30)
+        let result = try TestHost.hvrun(["run", "--kernel", try GuestImages.path("exit.elf"), "--cmdline", "code=42"], timeoutSeconds: 30)
         #expect(result.status == 42)
         #expect(result.stdout == "code=42\n")
     }
 
     @Test("--timeout stops a spinning guest with status 124 and says so", .timeLimit(.minutes(1)))
     func timeoutStatus() throws {
-        _ = try GuestImages.bytes("spin.elf")
-        let result = try TestHost.hvrun(["run", "--kernel", GuestImages.path("spin.elf"), "--timeout", "1"], timeoutSeconds: 30)
+        let result = try TestHost.hvrun(["run", "--kernel", try GuestImages.path("spin.elf"), "--timeout", "1"], timeoutSeconds: 30)
         #expect(result.status == 124)
         #expect(result.stdout.contains("spinning"))
         #expect(result.stderr.contains("--timeout expired"))
@@ -47,7 +46,7 @@ struct HVRunProcessTests {
 
     @Test("guest input typed on stdin reaches the UART", .timeLimit(.minutes(1)))
     func consoleInputDoesNotBreakTheRun() throws {
-        let result = try TestHost.hvrun(["run", "--kernel", GuestImages.path("reset.elf")], stdin: "hello\n", timeoutSeconds: 30)
+        let result = try TestHost.hvrun(["run", "--kernel", try GuestImages.path("reset.elf")], stdin: "hello\n", timeoutSeconds: 30)
         #expect(result.status == 0)
         #expect(result.stdout == "resetting\n")
     }
