@@ -29,6 +29,7 @@ let package = Package(
             name: "HyperCore",
             dependencies: [
                 "CKVM",
+                "CStorage",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strictSwift
@@ -50,6 +51,11 @@ let package = Package(
             ],
             exclude: ["Fixtures"],
             swiftSettings: strictSwift
+        ),
+        // Linux file calls for the storage layer (hole punching, memfd) that need _GNU_SOURCE.
+        .target(
+            name: "CStorage",
+            cSettings: [.define("_GNU_SOURCE")]
         ),
     ],
     swiftLanguageModes: [.v6]
