@@ -26,7 +26,7 @@ public final class VirtioConsole: VirtioDevice, @unchecked Sendable {
 
     public var deviceType: UInt16 { VirtioDeviceType.console }
     public var deviceFeatures: UInt64 { 0 }
-    public var queueSizes: [UInt16] { [64, 64] }
+    public var queueSizes: [UInt16] { [128, 128] }
     /// cols, rows, max_nr_ports, emerg_wr: present but meaningful only with features we do not offer.
     public var configSize: Int { 12 }
 

@@ -10,7 +10,7 @@ public final class VirtioEntropy: VirtioDevice, @unchecked Sendable {
 
     public var deviceType: UInt16 { VirtioDeviceType.entropy }
     public var deviceFeatures: UInt64 { 0 }
-    public var queueSizes: [UInt16] { [64] }
+    public var queueSizes: [UInt16] { [8] }
     public var configSize: Int { 0 }
     public func readConfig(offset: Int, into data: UnsafeMutableRawBufferPointer) {}
     public func activate(_ context: VirtioDeviceContext) {}
