@@ -12,6 +12,7 @@ let package = Package(
     products: [
         .library(name: "HyperCore", targets: ["HyperCore"]),
         .executable(name: "hvrun", targets: ["hvrun"]),
+        .executable(name: "virtqueue-fuzz", targets: ["virtqueue-fuzz"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -50,6 +51,13 @@ let package = Package(
                 .product(name: "PropertyBased", package: "swift-property-based"),
             ],
             exclude: ["Fixtures"],
+            swiftSettings: strictSwift
+        ),
+        // libFuzzer target over the virtqueue walker (Docs/virtio.md); a replay tool in normal builds.
+        .executableTarget(
+            name: "virtqueue-fuzz",
+            dependencies: ["HyperCore"],
+            path: "Tests/Fuzz/VirtqueueFuzz",
             swiftSettings: strictSwift
         ),
         // Linux file calls for the storage layer (hole punching, memfd) that need _GNU_SOURCE.

@@ -82,7 +82,7 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     // MARK: Requests
 
     /// Serves one request; returns the bytes written into the chain (data in + status).
-    func handle(_ chain: DescriptorChain) -> UInt32 {
+    public func handle(_ chain: DescriptorChain) -> UInt32 {
         // The status byte is the chain's last writable byte; without one nothing can be reported.
         guard chain.writableBytes >= 1, chain.readableBytes >= 16 else { return 0 }
         var header = [UInt8](repeating: 0, count: 16)

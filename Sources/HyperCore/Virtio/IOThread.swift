@@ -19,7 +19,7 @@ final class VirtioIOThread: @unchecked Sendable {
     private let epoll: Int32
     private let stopEvent: Int32
     private let queueEvents: [Int32]
-    private let inputFD: Int32?
+    private var inputFD: Int32?
     private let thread = Mutex<pthread_t?>(nil)
     private let stopped = Atomic<Bool>(false)
 
@@ -41,7 +41,11 @@ final class VirtioIOThread: @unchecked Sendable {
         for (index, fd) in queueEvents.enumerated() where result == 0 {
             result = ckvm_epoll_add(epoll, fd, UInt64(index))
         }
-        if result == 0, let inputFD { result = ckvm_epoll_add(epoll, inputFD, Self.inputToken) }
+        if result == 0, let inputFD {
+            // Regular files and /dev/null cannot be polled (EPERM): such input is simply not watched.
+            let added = ckvm_epoll_add(epoll, inputFD, Self.inputToken)
+            if added == -EPERM { self.inputFD = nil } else { result = added }
+        }
         guard result == 0 else {
             close(epoll)
             close(stop)
