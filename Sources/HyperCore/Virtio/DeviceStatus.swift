@@ -287,6 +287,14 @@ public final class VirtioDeviceCore: @unchecked Sendable {
         }
     }
 
+    /// Whether queue `index` has chains waiting (the I/O thread's polling check).
+    func queueHasWork(_ index: Int) -> Bool {
+        lock.withLock {
+            guard isLive, index < queues.count, queues[index].isActive else { return false }
+            return ((try? queues[index].pendingCount()) ?? 1) > 0  // a broken ring: let processQueue report it
+        }
+    }
+
     /// The device's input descriptor is readable.
     func processInput() {
         lock.withLock {

@@ -113,7 +113,9 @@ final class TemporaryFile {
         _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
         close(fd)
     }
-    var bytes: [UInt8] {
+    var bytes: [UInt8] { Self.read(path) }
+
+    static func read(_ path: String) -> [UInt8] {
         guard let file = fopen(path, "rb") else { return [] }
         defer { fclose(file) }
         var out: [UInt8] = []
