@@ -95,7 +95,7 @@ final class VirtioIOThread: @unchecked Sendable {
         }
     }
 
-    /// After work, the thread keeps checking its queues for this long before sleeping in epoll
+    /// After work, the thread keeps checking its queues for this long (default 200 µs) before sleeping in epoll
     /// again (adaptive polling): a driver that submits the next request within the window is
     /// served without a wakeup. Zero disables it.
     /// `HYPERCORE_VIRTIO_POLL_NS` overrides the default.
