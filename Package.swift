@@ -12,6 +12,7 @@ let package = Package(
     products: [
         .library(name: "HyperCore", targets: ["HyperCore"]),
         .executable(name: "hvrun", targets: ["hvrun"]),
+        .executable(name: "virtqueue-fuzz", targets: ["virtqueue-fuzz"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -29,6 +30,7 @@ let package = Package(
             name: "HyperCore",
             dependencies: [
                 "CKVM",
+                "CStorage",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strictSwift
@@ -50,6 +52,18 @@ let package = Package(
             ],
             exclude: ["Fixtures"],
             swiftSettings: strictSwift
+        ),
+        // libFuzzer target over the virtqueue walker (Docs/virtio.md); a replay tool in normal builds.
+        .executableTarget(
+            name: "virtqueue-fuzz",
+            dependencies: ["HyperCore"],
+            path: "Tests/Fuzz/VirtqueueFuzz",
+            swiftSettings: strictSwift
+        ),
+        // Linux file calls for the storage layer (hole punching, memfd) that need _GNU_SOURCE.
+        .target(
+            name: "CStorage",
+            cSettings: [.define("_GNU_SOURCE")]
         ),
     ],
     swiftLanguageModes: [.v6]

@@ -12,6 +12,9 @@
 #include <sys/ioctl.h>
 #include <time.h>
 #include <unistd.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/random.h>
 
 // MARK: - ioctl
 
@@ -141,4 +144,66 @@ int ckvm_host_read_msr(int cpu, uint32_t msr, uint64_t *value) {
     close(fd);
     if (n != (ssize_t)sizeof(*value)) return n < 0 ? -saved : -EIO;
     return 0;
+}
+
+// MARK: - Event file descriptors, epoll, entropy
+
+int ckvm_eventfd_create(void) {
+    int fd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    return fd < 0 ? -errno : fd;
+}
+
+int ckvm_eventfd_signal(int fd) {
+    uint64_t one = 1;
+    for (;;) {
+        ssize_t n = write(fd, &one, sizeof(one));
+        if (n == (ssize_t)sizeof(one)) return 0;
+        if (n < 0 && errno == EINTR) continue;
+        // EAGAIN: the counter is at its maximum, so the reader is already going to wake.
+        return (n < 0 && errno != EAGAIN) ? -errno : 0;
+    }
+}
+
+uint64_t ckvm_eventfd_drain(int fd) {
+    uint64_t value = 0;
+    for (;;) {
+        ssize_t n = read(fd, &value, sizeof(value));
+        if (n == (ssize_t)sizeof(value)) return value;
+        if (n < 0 && errno == EINTR) continue;
+        return 0;
+    }
+}
+
+int ckvm_epoll_create(void) {
+    int fd = epoll_create1(EPOLL_CLOEXEC);
+    return fd < 0 ? -errno : fd;
+}
+
+int ckvm_epoll_add(int epoll_fd, int fd, uint64_t token) {
+    struct epoll_event event;
+    memset(&event, 0, sizeof(event));
+    event.events = EPOLLIN;
+    event.data.u64 = token;
+    return epoll_ctl(epoll_fd, EPOLL_CTL_ADD, fd, &event) == 0 ? 0 : -errno;
+}
+
+int ckvm_epoll_del(int epoll_fd, int fd) {
+    return epoll_ctl(epoll_fd, EPOLL_CTL_DEL, fd, NULL) == 0 ? 0 : -errno;
+}
+
+int ckvm_epoll_wait(int epoll_fd, uint64_t *tokens, int capacity, int timeout_ms) {
+    struct epoll_event events[16];
+    if (capacity > 16) capacity = 16;
+    int n = epoll_wait(epoll_fd, events, capacity, timeout_ms);
+    if (n < 0) return -errno;
+    for (int i = 0; i < n; i++) tokens[i] = events[i].data.u64;
+    return n;
+}
+
+long ckvm_getrandom(void *buffer, size_t length) {
+    for (;;) {
+        ssize_t n = getrandom(buffer, length, 0);
+        if (n >= 0) return (long)n;
+        if (errno != EINTR) return -errno;
+    }
 }

@@ -41,6 +41,23 @@ struct RunCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Also write the console output to this file.", valueName: "file"), completion: .file())
     var consoleLog: String?
 
+    @Option(name: .customLong("disk"),
+            help: ArgumentHelp("A virtio-blk disk: a raw or VHDX image, `,readonly` to attach it read-only. Repeatable.",
+                               valueName: "path[,readonly]"),
+            completion: .file())
+    var disks: [DiskOption] = []
+
+    @Option(help: ArgumentHelp("Where the guest console is: `serial` (COM1, ttyS0) or `virtio` (virtio-console port 0, hvc0; COM1 stays too).",
+                               valueName: "serial|virtio"))
+    var console: ConsoleKind = .serial
+
+    @Flag(help: "Add a virtio-rng device fed from the host's getrandom.")
+    var rng = false
+
+    @Option(help: ArgumentHelp("Transport for virtio devices: `pci` (default) or `mmio` (virtio_mmio.device= is added to the command line).",
+                               valueName: "pci|mmio"))
+    var virtioTransport: TransportKind = .pci
+
     func validate() throws {
         guard (1...MachineConfiguration.maximumCPUs).contains(cpus) else {
             throw ValidationError("--cpus must be between 1 and \(MachineConfiguration.maximumCPUs)")
@@ -65,9 +82,20 @@ struct RunCommand: ParsableCommand {
             configuration.console = TeeOutput([FileDescriptorOutput.standardOutput, try FileDescriptorOutput(path: consoleLog)])
         }
 
+        let transport: VirtioDeviceConfiguration.Transport = virtioTransport == .mmio ? .mmio : .pci
+        for (index, disk) in disks.enumerated() {
+            let backend = try openDisk(path: disk.path, readOnly: disk.readOnly)
+            configuration.virtioDevices.append(.init(.block(backend, identifier: "hvrun-disk\(index)"), transport: transport))
+        }
+        if console == .virtio {
+            configuration.virtioDevices.append(.init(.console(output: configuration.console, input: 0), transport: transport))
+        }
+        if rng { configuration.virtioDevices.append(.init(.entropy, transport: transport)) }
+
         let session = TerminalSession()
         let machine = try Machine(configuration)
-        session.forwardInput(to: machine.serial)
+        // With a virtio console, host input goes to hvc0 (its I/O thread reads stdin), not COM1.
+        if console == .serial { session.forwardInput(to: machine.serial) }
         session.onInterrupt { machine.stop() }
         let exit = try machine.run(timeout: timeout.map { .milliseconds(Int64(($0 * 1000).rounded())) })
         session.restore()
@@ -96,3 +124,25 @@ struct RunCommand: ParsableCommand {
         }
     }
 }
+
+/// `--disk PATH[,readonly]`.
+struct DiskOption: ExpressibleByArgument, Sendable {
+    let path: String
+    let readOnly: Bool
+
+    init?(argument: String) {
+        var parts = argument.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        var readOnly = false
+        while let last = parts.last, parts.count > 1, last == "readonly" || last == "ro" {
+            readOnly = true
+            parts.removeLast()
+        }
+        let path = parts.joined(separator: ",")
+        guard !path.isEmpty else { return nil }
+        self.path = path
+        self.readOnly = readOnly
+    }
+}
+
+enum ConsoleKind: String, ExpressibleByArgument, Sendable { case serial, virtio }
+enum TransportKind: String, ExpressibleByArgument, Sendable { case pci, mmio }

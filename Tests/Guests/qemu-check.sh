@@ -103,6 +103,19 @@ expect "$(qexit 0x35)" "cpus=2" "bsp_apic_id=0" "aps=1" "ap_apic_id=1"
 run 60 smp.elf -smp 4 -append "cpus=4"
 expect "$(qexit 0x35)" "cpus=4" "aps=3" "ap_apic_id=1" "ap_apic_id=2" "ap_apic_id=3"
 
+# The virtio driver against QEMU's devices (HyperCore's tests compare the two line by line).
+python3 -c "import sys; sys.stdout.buffer.write(bytes((i // 512 * 13 + i % 512) & 255 for i in range(2048 * 512)))" >"$tmp/disk.img"
+blk="-drive file=$tmp/disk.img,if=none,id=d0,format=raw -device virtio-blk-pci,drive=d0,disable-legacy=on,serial=hypercore-disk"
+run 30 virtio.elf -append "dev=2" $blk
+expect "$(qexit 0x40)" "transport=pci" "capacity=2048" "verify=ok" "flush=0" "id=hypercore-disk" "out_of_range=1" \
+	"last_read=0" "unsupported=2" "inflight=ok" "indirect=0" "zeroed=1" "status=0xf"
+run 30 virtio.elf -append "dev=2 irq=1" $blk
+expect "$(qexit 0x40)" "verify=ok" "inflight=ok" "interrupts=yes" "status=0xf"
+run 30 virtio.elf -append "dev=4 irq=1" -device virtio-rng-pci,disable-legacy=on
+expect "$(qexit 0x40)" "rng_bytes=64,64" "rng_random=yes"
+run 30 virtio.elf -append "dev=3" -device virtio-serial-pci,disable-legacy=on -chardev null,id=c0 -device virtconsole,chardev=c0
+expect "$(qexit 0x40)" "console_tx=ok" "status=0xf"
+
 if [ "$failures" -ne 0 ]; then
 	echo "$failures check(s) failed"
 	exit 1

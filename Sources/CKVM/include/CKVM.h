@@ -150,6 +150,45 @@ static inline uint64_t ckvm_rdtsc(void) {
     return ((uint64_t)hi << 32) | lo;
 }
 
+
+// MARK: - Event file descriptors, epoll, entropy (virtio I/O threads)
+//
+// eventfd/epoll/getrandom live in headers Swift's Glibc module does not expose reliably; these
+// wrappers keep the I/O thread code free of variadic or macro-only APIs.
+
+/// A non-blocking, close-on-exec eventfd. Returns the fd or -errno.
+int ckvm_eventfd_create(void);
+/// Adds 1 to an eventfd's counter. Returns 0 or -errno (EAGAIN when saturated counts as success).
+int ckvm_eventfd_signal(int fd);
+/// Reads and clears an eventfd's counter. Returns the count, 0 when it was already clear.
+uint64_t ckvm_eventfd_drain(int fd);
+/// An epoll instance (close-on-exec). Returns the fd or -errno.
+int ckvm_epoll_create(void);
+/// Watches `fd` for input; `token` comes back from ckvm_epoll_wait. Returns 0 or -errno.
+int ckvm_epoll_add(int epoll_fd, int fd, uint64_t token);
+/// Stops watching `fd`. Returns 0 or -errno.
+int ckvm_epoll_del(int epoll_fd, int fd);
+/// Waits for up to `capacity` ready tokens. Returns the count, or -errno (EINTR included).
+int ckvm_epoll_wait(int epoll_fd, uint64_t *_Nonnull tokens, int capacity, int timeout_ms);
+/// Fills `buffer` from the kernel's CSPRNG (getrandom). Returns bytes written or -errno.
+long ckvm_getrandom(void *_Nonnull buffer, size_t length);
+
+// MARK: - Shared-memory access for virtqueues
+//
+// The guest writes rings concurrently with the device. Index loads need acquire semantics (what
+// the index publishes is read after it), used-index stores need release semantics, and the
+// event-index protocol needs a full fence between publishing and re-checking.
+
+static inline uint16_t ckvm_load_acquire_u16(const void *_Nonnull p) {
+    return __atomic_load_n((const uint16_t *)p, __ATOMIC_ACQUIRE);
+}
+static inline void ckvm_store_release_u16(void *_Nonnull p, uint16_t v) {
+    __atomic_store_n((uint16_t *)p, v, __ATOMIC_RELEASE);
+}
+static inline void ckvm_fence_seq_cst(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+static inline void ckvm_fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
+static inline void ckvm_fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
+
 #ifdef __cplusplus
 }
 #endif

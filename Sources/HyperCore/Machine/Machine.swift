@@ -30,6 +30,9 @@ public final class Machine: Sendable {
     /// COM1.
     public let serial: Serial16550
     public let bootState: BootState
+    /// The virtio devices' transport-independent state, in configuration order.
+    public var virtioDevices: [VirtioDeviceCore] { virtio?.cores ?? [] }
+    let virtio: VirtioAssembly?
     let cpuid: CPUIDTable
     let lifecycle = Lifecycle()
     private let threads = Mutex<[UInt]>([])
@@ -88,6 +91,8 @@ public final class Machine: Sendable {
         } catch {
             throw .bus(error)
         }
+        virtio = configuration.virtioDevices.isEmpty ? nil
+            : try VirtioAssembly(vm: vm, memory: memory, devices: configuration.virtioDevices, ports: &ports, mmio: &mmio)
         portBus = ports.build()
         mmioBus = mmio.build()
 
@@ -95,7 +100,7 @@ public final class Machine: Sendable {
             switch configuration.boot {
             case let .pvh(kernel, kernelName, initrd, commandLine):
                 bootState = try PVHLoader.load(kernel: kernel, kernelName: kernelName, initrd: initrd,
-                                               commandLine: commandLine, into: memory)
+                                               commandLine: commandLine + (virtio?.commandLineSuffix ?? ""), into: memory)
             case let .flat(image, name, loadAddress):
                 bootState = try FlatBinaryLoader.load(image: image, name: name, at: loadAddress, into: memory)
             case let .custom(_, load):
@@ -146,6 +151,7 @@ public final class Machine: Sendable {
             lifecycle.finish(.timedOut)
         }
         joinThreads()
+        virtio?.shutdown()
         return lifecycle.exit.current ?? .stopped
     }
 
@@ -159,6 +165,7 @@ public final class Machine: Sendable {
     public func stop() {
         lifecycle.finish(.stopped)
         joinThreads()
+        virtio?.shutdown()
     }
 
     /// How the run ended, once it has.

@@ -36,6 +36,8 @@ public struct MachineConfiguration: Sendable {
     public var portDevices: [DeviceMapping] = []
     /// Extra devices on the MMIO bus.
     public var mmioDevices: [DeviceMapping] = []
+    /// virtio devices (PCI or MMIO transport), in order: PCI slot 1 up, MMIO from 0xD0000000 up.
+    public var virtioDevices: [VirtioDeviceConfiguration] = []
     /// CPUID changes applied to every vCPU's table after KVM's supported set is fetched.
     public var cpuidPolicy: (@Sendable (inout CPUIDTable) -> Void)?
     /// The KVM device node.

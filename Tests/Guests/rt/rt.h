@@ -111,4 +111,17 @@ typedef void (*trap_handler)(struct trap_frame *f);
 void idt_init(void);
 void idt_set_handler(u8 vector, trap_handler h);
 
+/* pci.c: configuration mechanism #1, bus 0. */
+u32 pci_read32(u32 slot, u32 off);
+u16 pci_read16(u32 slot, u32 off);
+u8 pci_read8(u32 slot, u32 off);
+void pci_write32(u32 slot, u32 off, u32 v);
+void pci_write16(u32 slot, u32 off, u16 v);
+int pci_find(u16 vendor, u16 device);
+u64 pci_bar(u32 slot, u32 bar);
+u64 pci_bar_size(u32 slot, u32 bar);
+
+static inline u16 mmio_read16(u64 a) { return *(volatile u16 *)a; }
+static inline u8 mmio_read8(u64 a) { return *(volatile u8 *)a; }
+
 #endif

@@ -1,0 +1,185 @@
+#if canImport(Glibc)
+internal import Glibc
+#elseif canImport(Musl)
+internal import Musl
+#endif
+internal import CStorage
+
+/// An open file used with positioned I/O only (`pread`/`pwrite`), so any number of threads may use
+/// it at once without sharing a file offset. Short transfers and `EINTR` are retried here.
+public final class DiskFile: Sendable {
+    public let path: String
+    public let fd: Int32
+    public let isReadOnly: Bool
+
+    /// Opens an existing file.
+    public init(path: String, readOnly: Bool) throws(VHDXError) {
+        let fd = Glibc.open(path, (readOnly ? O_RDONLY : O_RDWR) | O_CLOEXEC)
+        guard fd >= 0 else { throw .io(path: path, operation: "open", offset: 0, errno: errno) }
+        self.path = path
+        self.fd = fd
+        self.isReadOnly = readOnly
+    }
+
+    /// Creates a file; fails if it exists unless `overwrite`.
+    public init(creating path: String, overwrite: Bool = false) throws(VHDXError) {
+        let flags = O_RDWR | O_CREAT | O_CLOEXEC | (overwrite ? O_TRUNC : O_EXCL)
+        let fd = Glibc.open(path, flags, 0o644)
+        guard fd >= 0 else { throw .io(path: path, operation: "create", offset: 0, errno: errno) }
+        self.path = path
+        self.fd = fd
+        self.isReadOnly = false
+    }
+
+    /// Wraps a descriptor the caller owns (the fuzzer's memfd); it is closed with this object.
+    public init(adopting fd: Int32, path: String, readOnly: Bool) {
+        self.fd = fd
+        self.path = path
+        self.isReadOnly = readOnly
+    }
+
+    deinit { Glibc.close(fd) }
+
+    public func size() throws(VHDXError) -> UInt64 {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw .io(path: path, operation: "fstat", offset: 0, errno: errno) }
+        return UInt64(st.st_size)
+    }
+
+    /// Bytes the file occupies on the host (its allocated blocks).
+    public func allocatedBytes() throws(VHDXError) -> UInt64 {
+        var st = stat()
+        guard fstat(fd, &st) == 0 else { throw .io(path: path, operation: "fstat", offset: 0, errno: errno) }
+        return UInt64(st.st_blocks) * 512
+    }
+
+    /// Fills `buffer` from `offset`. Bytes past the end of the file read as zeros; returns how many
+    /// bytes came from the file.
+    @discardableResult
+    public func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(VHDXError) -> Int {
+        var done = 0
+        while done < buffer.count {
+            let n = pread(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw .io(path: path, operation: "read", offset: offset + UInt64(done), errno: errno)
+            }
+            if n == 0 { break }
+            done += n
+        }
+        if done < buffer.count {
+            (buffer.baseAddress! + done).initializeMemory(as: UInt8.self, repeating: 0, count: buffer.count - done)
+        }
+        return done
+    }
+
+    public func read(count: Int, at offset: UInt64) throws(VHDXError) -> [UInt8] {
+        var bytes = [UInt8](repeating: 0, count: count)
+        if count > 0 {
+            let result: Result<Int, VHDXError> = bytes.withUnsafeMutableBytes { buf in
+                do throws(VHDXError) { return .success(try read(into: buf, at: offset)) } catch { return .failure(error) }
+            }
+            _ = try result.get()
+        }
+        return bytes
+    }
+
+    public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(VHDXError) {
+        guard !isReadOnly else { throw .readOnly(path: path) }
+        var done = 0
+        while done < buffer.count {
+            let n = pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
+            if n < 0 {
+                if errno == EINTR { continue }
+                throw .io(path: path, operation: "write", offset: offset + UInt64(done), errno: errno)
+            }
+            done += n
+        }
+    }
+
+    public func write(_ bytes: [UInt8], at offset: UInt64) throws(VHDXError) {
+        let result: Result<Void, VHDXError> = bytes.withUnsafeBytes { buf in
+            do throws(VHDXError) { try write(buf, at: offset); return .success(()) } catch { return .failure(error) }
+        }
+        try result.get()
+    }
+
+    /// Writes `length` zero bytes at `offset` in bounded pieces.
+    public func writeZeros(at offset: UInt64, length: UInt64) throws(VHDXError) {
+        let piece = [UInt8](repeating: 0, count: Int(min(length, 1 << 20)))
+        var done: UInt64 = 0
+        while done < length {
+            let n = Int(min(UInt64(piece.count), length - done))
+            let result: Result<Void, VHDXError> = piece.withUnsafeBytes { buf in
+                do throws(VHDXError) { try write(UnsafeRawBufferPointer(rebasing: buf[0..<n]), at: offset + done); return .success(()) }
+                catch { return .failure(error) }
+            }
+            try result.get()
+            done += UInt64(n)
+        }
+    }
+
+    public func truncate(to size: UInt64) throws(VHDXError) {
+        guard !isReadOnly else { throw .readOnly(path: path) }
+        while ftruncate(fd, off_t(size)) != 0 {
+            if errno == EINTR { continue }
+            throw .io(path: path, operation: "ftruncate", offset: size, errno: errno)
+        }
+    }
+
+    /// Reserves real disk space for `offset..<offset+length` (falls back to growing the file when the
+    /// file system cannot preallocate).
+    public func preallocate(offset: UInt64, length: UInt64) throws(VHDXError) {
+        guard !isReadOnly else { throw .readOnly(path: path) }
+        let rc = posix_fallocate(fd, off_t(offset), off_t(length))
+        if rc == 0 { return }
+        if rc == EOPNOTSUPP || rc == EINVAL {
+            if try size() < offset + length { try truncate(to: offset + length) }
+            return
+        }
+        throw .io(path: path, operation: "fallocate", offset: offset, errno: rc)
+    }
+
+    /// Makes completed writes and the file size durable.
+    public func sync() throws(VHDXError) {
+        guard !isReadOnly else { return }
+        while fdatasync(fd) != 0 {
+            if errno == EINTR { continue }
+            throw .io(path: path, operation: "fdatasync", offset: 0, errno: errno)
+        }
+    }
+}
+
+/// A mutex for state that is read and written by several I/O threads.
+final class Lock: @unchecked Sendable {
+    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
+
+    init() {
+        mutex = .allocate(capacity: 1)
+        pthread_mutex_init(mutex, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    @inline(__always)
+    func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body()
+    }
+}
+
+extension DiskFile {
+    /// Frees the host blocks of a range so it reads as zeros; falls back to writing zeros where the
+    /// file system cannot punch holes.
+    public func punchHole(at offset: UInt64, length: UInt64) throws(VHDXError) {
+        guard !isReadOnly else { throw .readOnly(path: path) }
+        if cstorage_punch_hole(fd, Int64(offset), Int64(length)) == 0 { return }
+        let e = errno
+        guard e == EOPNOTSUPP || e == ENOSYS else { throw .io(path: path, operation: "fallocate(PUNCH_HOLE)", offset: offset, errno: e) }
+        try writeZeros(at: offset, length: length)
+    }
+}
