@@ -57,7 +57,7 @@ public final class VirtioPCITransport: PCIDevice, VirtioInterrupts, @unchecked S
         }
         var space = PCIConfigSpace(vendor: Self.vendorID, device: 0x1040 + type, revision: 1, classCode: classCode,
                                    subsystemVendor: Self.vendorID, subsystem: 0x40, interruptPin: 1)
-        space.write(offset: 0x3C, from: UnsafeRawBufferPointer(start: [interruptLine], count: 1))
+        _ = withUnsafeBytes(of: interruptLine) { space.write(offset: 0x3C, from: $0) }
         space.setBar(Self.msixBar, PCIBar(kind: .memory32, size: Self.msixBarSize), address: msixBarAddress)
         space.setBar(Self.virtioBar, PCIBar(kind: .memory64, size: Self.virtioBarSize), address: virtioBarAddress)
 

@@ -36,9 +36,9 @@ final class FuzzDisk: BlockBackend, @unchecked Sendable {
     }
 }
 
-nonisolated(unsafe) let memory = try! GuestMemory(size: 1 << 20)
-nonisolated(unsafe) let disk = FuzzDisk()
-nonisolated(unsafe) let block = VirtioBlock(backend: disk, queueSize: 64)
+let memory = try! GuestMemory(size: 1 << 20)
+let disk = FuzzDisk()
+let block = VirtioBlock(backend: disk, queueSize: 64)
 nonisolated(unsafe) var chain = DescriptorChain()
 
 func runOne(_ data: UnsafeRawBufferPointer) {

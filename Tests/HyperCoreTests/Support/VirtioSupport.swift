@@ -75,7 +75,7 @@ enum QEMUVirtio {
     static func run(commandLine: String, mmio: Bool, arguments: [String], timeout: Double = 60) throws -> (values: [String: String], status: Int32, output: String) {
         var args = ["-accel", "kvm", "-m", "128", "-nodefaults", "-nographic", "-no-reboot", "-display", "none",
                     "-monitor", "none", "-serial", "stdio", "-device", "isa-debug-exit,iobase=0x501,iosize=2",
-                    "-kernel", GuestImages.path("virtio.elf"), "-append", commandLine]
+                    "-kernel", try GuestImages.path("virtio.elf"), "-append", commandLine]
         args += mmio ? ["-M", "microvm,acpi=off", "-global", "virtio-mmio.force-legacy=false"] : ["-M", "q35"]
         args += arguments
         _ = try GuestImages.bytes("virtio.elf")
@@ -109,7 +109,7 @@ final class TemporaryFile {
     init(bytes: [UInt8]) {
         var template = Array("/tmp/hypercore-virtio-XXXXXX".utf8CString)
         let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-        path = String(cString: template)
+        path = String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
         _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
         close(fd)
     }
