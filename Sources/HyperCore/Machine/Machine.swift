@@ -55,7 +55,7 @@ public final class Machine: Sendable {
             }
             memory = try GuestMemory(size: configuration.memorySize)
             try vm.map(memory)
-            var table = try kvm.supportedCPUID()
+            var table = CPUSetup.prepare(try kvm.supportedCPUID())
             configuration.cpuidPolicy?(&table)
             cpuid = table
         } catch let error as KVMError {
@@ -70,13 +70,15 @@ public final class Machine: Sendable {
 
         let lifecycle = self.lifecycle
         let interrupt: any InterruptLine = configuration.inKernelIRQChip ? IRQChipLine(vm: vm, gsi: 4) : RecordingLine()
-        serial = Serial16550(output: configuration.console, interrupt: interrupt)
+        serial = Serial16550(output: configuration.bootTimer.map { $0.watching(configuration.console) } ?? configuration.console,
+                             interrupt: interrupt)
         var ports = BusBuilder(name: "port I/O")
         var mmio = BusBuilder(name: "MMIO")
         do {
             try ports.register(serial, at: 0x3F8, size: 8)
             try ports.register(I8042(onReset: { lifecycle.finish(.reset) }), at: 0x60, size: 5)
             try ports.register(DebugExit(onExit: { lifecycle.finish(.debugExit($0)) }), at: DebugExit.defaultPort, size: 2)
+            try PlatformDevices.register(ports: &ports, mmio: &mmio, configuration: configuration)
             for mapping in configuration.portDevices {
                 try ports.register(mapping.device, at: mapping.base, size: mapping.size)
             }
@@ -90,10 +92,14 @@ public final class Machine: Sendable {
         mmioBus = mmio.build()
 
         do {
+            try PlatformDevices.writeFirmwareTables(configuration: configuration, cpuid: cpuid, into: memory)
             switch configuration.boot {
             case let .pvh(kernel, kernelName, initrd, commandLine):
                 bootState = try PVHLoader.load(kernel: kernel, kernelName: kernelName, initrd: initrd,
                                                commandLine: commandLine, into: memory)
+            case let .linux(kernel, kernelName, initrd, commandLine):
+                bootState = try LinuxLoader.load(bzImage: kernel, name: kernelName, initrd: initrd, commandLine: commandLine,
+                                                 into: memory)
             case let .flat(image, name, loadAddress):
                 bootState = try FlatBinaryLoader.load(image: image, name: name, at: loadAddress, into: memory)
             case let .custom(_, load):

@@ -4,6 +4,8 @@ public struct MachineConfiguration: Sendable {
     public enum Boot: Sendable {
         /// An ELF kernel entered through its PVH note; `initrd` becomes PVH module 0.
         case pvh(kernel: [UInt8], kernelName: String, initrd: [UInt8]?, commandLine: String)
+        /// A Linux bzImage entered through the 64-bit boot protocol (zero page, e820, initrd).
+        case linux(kernel: [UInt8], kernelName: String, initrd: [UInt8]?, commandLine: String)
         /// A raw binary started in real mode at `loadAddress` (below 1 MiB).
         case flat(image: [UInt8], name: String, loadAddress: UInt64)
         /// A loader supplied by the caller (Linux bzImage, tests): it fills guest memory and
@@ -38,6 +40,8 @@ public struct MachineConfiguration: Sendable {
     public var mmioDevices: [DeviceMapping] = []
     /// CPUID changes applied to every vCPU's table after KVM's supported set is fetched.
     public var cpuidPolicy: (@Sendable (inout CPUIDTable) -> Void)?
+    /// Boot-time milestones (first serial byte, kernel banner, init's ready marker), when set.
+    public var bootTimer: BootTimer?
     /// The KVM device node.
     public var kvmPath = "/dev/kvm"
 
