@@ -62,8 +62,11 @@ public final class BootTimer: BusDevice, @unchecked Sendable {
         let bootNow = UInt64(boot.tv_sec) * 1_000_000_000 + UInt64(boot.tv_nsec)
         let monoNow = UInt64(mono.tv_sec) * 1_000_000_000 + UInt64(mono.tv_nsec)
         let startSinceBoot = ticks * (1_000_000_000 / hertz)
-        guard bootNow >= monoNow, startSinceBoot >= bootNow - monoNow else { return nil }
-        return startSinceBoot - (bootNow - monoNow)
+        // The clocks differ by the time the host spent suspended (often zero; the two reads are a
+        // few hundred nanoseconds apart, so clamp).
+        let suspended = bootNow > monoNow ? bootNow - monoNow : 0
+        guard startSinceBoot >= suspended else { return nil }
+        return startSinceBoot - suspended
     }
 
     /// Time from ``origin`` to a milestone, if it was reached.
