@@ -18,7 +18,7 @@ final class APReportPort: BusDevice, @unchecked Sendable {
 @Suite("SMP bring-up", .serialized, .tags(.kvm), .enabled(if: TestHost.kvmUsable, TestHost.kvmSkipReason))
 struct SMPTests {
     @Test("the BSP starts N−1 APs with INIT/SIPI; each reports its APIC ID through a port",
-          .timeLimit(.minutes(3)), arguments: [2, 4, 8])
+          .timeLimit(.minutes(3)), arguments: [2, 4, 8, 16, 32, 64])
     func applicationProcessors(cpus: Int) throws {
         let port = APReportPort()
         let run = try GuestRun.pvh("smp.elf", commandLine: "cpus=\(cpus)", cpus: cpus, timeout: .seconds(120)) { configuration in
