@@ -96,10 +96,10 @@ public final class Machine: Sendable {
             switch configuration.boot {
             case let .pvh(kernel, kernelName, initrd, commandLine):
                 bootState = try PVHLoader.load(kernel: kernel, kernelName: kernelName, initrd: initrd,
-                                               commandLine: commandLine, into: memory)
+                                               commandLine: commandLine, acpiRSDP: PlatformDevices.rsdp(configuration), into: memory)
             case let .linux(kernel, kernelName, initrd, commandLine):
                 bootState = try LinuxLoader.load(bzImage: kernel, name: kernelName, initrd: initrd, commandLine: commandLine,
-                                                 into: memory)
+                                                 acpiRSDP: PlatformDevices.rsdp(configuration), into: memory)
             case let .flat(image, name, loadAddress):
                 bootState = try FlatBinaryLoader.load(image: image, name: name, at: loadAddress, into: memory)
             case let .custom(_, load):

@@ -40,6 +40,8 @@ public struct MachineConfiguration: Sendable {
     public var mmioDevices: [DeviceMapping] = []
     /// CPUID changes applied to every vCPU's table after KVM's supported set is fetched.
     public var cpuidPolicy: (@Sendable (inout CPUIDTable) -> Void)?
+    /// Whether to give the guest ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) besides the MP table.
+    public var acpi = true
     /// Boot-time milestones (first serial byte, kernel banner, init's ready marker), when set.
     public var bootTimer: BootTimer?
     /// The KVM device node.

@@ -1,5 +1,5 @@
 /// The PC platform pieces every machine gets beyond the UART, keyboard controller and debug exit:
-/// the CMOS RTC, the optional boot timer, and the firmware tables (MP table) a kernel reads to
+/// the CMOS RTC, the optional boot timer, and the firmware tables (MP table, ACPI) a kernel reads to
 /// find its CPUs and interrupt routing. Kept here so `Machine` only calls in.
 enum PlatformDevices {
     static func register(ports: inout BusBuilder, mmio: inout BusBuilder,
@@ -11,13 +11,19 @@ enum PlatformDevices {
         }
     }
 
-    /// Writes the MP table (all boot paths: Linux via bzImage or PVH, and the test guests). It
+    /// The RSDP address to hand the kernel, or 0 without ACPI.
+    static func rsdp(_ configuration: MachineConfiguration) -> UInt64 {
+        configuration.acpi ? ACPITables.rsdpAddress : 0
+    }
+
+    /// Writes the MP table and the ACPI tables (all boot paths: Linux via bzImage or PVH, and the test guests). It
     /// sits in the BIOS area, which no loader uses, and is written before the kernel is loaded so
     /// that a flat image placed over it wins.
     static func writeFirmwareTables(configuration: MachineConfiguration, cpuid: CPUIDTable,
                                     into memory: GuestMemory) throws(BootError) {
         try PVHLoader.fitting("MP table") { () throws(GuestMemoryError) in
             try MPTable.write(cpuCount: configuration.cpuCount, cpuid: cpuid, into: memory)
+            if configuration.acpi { try ACPITables.write(cpuCount: configuration.cpuCount, into: memory) }
         }
     }
 }
