@@ -12,7 +12,7 @@ struct CheckCommand: ParsableCommand {
             decides the verdict; the other layers explain failures and add warnings.
 
             Exit status: 0 usable (warnings allowed), 1 unusable, 2 undetermined (the host could not be \
-            inspected), 64 bad arguments. See Docs/hvrun-check.md.
+            inspected); bad arguments exit 1 with a message on stderr. See Docs/hvrun-check.md.
             """)
 
     @Flag(help: "Print a JSON document instead of text.")

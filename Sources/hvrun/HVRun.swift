@@ -22,23 +22,18 @@ struct HVRun: ParsableCommand {
     /// and status 1 (ArgumentParser's default for usage errors is 64); commands report their own
     /// statuses by throwing `ExitCode`.
     static func main() {
-        let command: any ParsableCommand
         do {
-            command = try parseAsRoot()
-        } catch {
-            let code = exitCode(for: error)
-            if code == .success { exit(withError: error) } // --help, --version
-            printError(fullMessage(for: error))
-            Glibc.exit(1)
-        }
-        do {
-            var mutable = command
-            try mutable.run()
+            var command = try parseAsRoot()
+            try command.run()
             Glibc.exit(0)
         } catch let code as ExitCode {
             Glibc.exit(code.rawValue)
         } catch {
-            printError("hvrun: \(error)")
+            switch exitCode(for: error) {
+            case .success: exit(withError: error) // --help and --version arrive as errors
+            case .validationFailure: printError(fullMessage(for: error))
+            default: printError("hvrun: \(error)")
+            }
             Glibc.exit(1)
         }
     }

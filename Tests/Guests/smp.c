@@ -21,7 +21,10 @@
 #define ICR_ASSERT	0x04000
 #define ICR_ALL_BUT_SELF 0xc0000
 
-/* This host's TSC runs at 2 GHz; KVM and QEMU need none of these waits anyway. */
+/*
+ * Waits assume a TSC of about 2 GHz. Only their order of magnitude matters:
+ * KVM's and QEMU's APICs need none of them.
+ */
 #define TSC_PER_US	2000
 
 extern const char ap_trampoline[], ap_trampoline_end[];

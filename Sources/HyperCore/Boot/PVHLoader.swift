@@ -10,6 +10,13 @@ public enum PVHLoader {
         public static let moduleList: UInt64 = 0x6040
         public static let memoryMap: UInt64 = 0x6100
         public static let commandLine: UInt64 = 0x20000
+
+        /// Guest-physical ranges the loader writes: the GDT, the start-info page, the command line.
+        static let reserved: [Range<UInt64>] = [
+            BootGDT.address..<(BootGDT.address + UInt64(BootGDT.entries.count * 8)),
+            startInfo..<(memoryMap + UInt64(maximumMemoryMapEntries * 24)),
+            commandLine..<(commandLine + UInt64(maximumCommandLine + 1)),
+        ]
     }
 
     public static let startInfoMagic: UInt32 = 0x336E_C578
@@ -29,9 +36,9 @@ public enum PVHLoader {
             guard memory.contains(address, count: Int(clamping: segment.memorySize)), segment.memorySize <= memory.size else {
                 throw .doesNotFit(file: kernelName, what: "segment", address: address, size: segment.memorySize, memory: memory.size)
             }
-            guard address >= 0x100000 || address + segment.memorySize <= Addresses.startInfo else {
+            if let table = Addresses.reserved.first(where: { address < $0.upperBound && $0.lowerBound < address + segment.memorySize }) {
                 throw .malformed(file: kernelName, structure: "segment", offset: segment.fileOffset,
-                                 detail: "loads at 0x\(String(address, radix: 16)), over the boot tables; PVH kernels load at 1 MiB or above")
+                                 detail: "loads at 0x\(String(address, radix: 16)), over the loader's tables at 0x\(String(table.lowerBound, radix: 16)); PVH kernels load at 1 MiB or above")
             }
             let start = Int(segment.fileOffset)
             let fileBytes = kernel[start..<start + Int(segment.fileSize)]

@@ -45,38 +45,31 @@ public final class KVM: Sendable {
 
     /// `KVM_GET_SUPPORTED_CPUID`: the CPUID leaves KVM can present to a guest.
     public func supportedCPUID() throws(KVMError) -> CPUIDTable {
-        var capacity: UInt32 = 128
-        while capacity <= 4096 {
-            guard let table = ckvm_cpuid2_alloc(capacity) else {
-                throw KVMError(operation: "KVM_GET_SUPPORTED_CPUID", errno: ENOMEM)
-            }
-            defer { ckvm_free(table) }
-            if ckvm_ioctl_ptr(fileDescriptor, CKVM_GET_SUPPORTED_CPUID, table) == 0 {
-                return CPUIDTable(copying: table)
-            }
-            let code = ckvm_errno()
-            guard code == E2BIG else { throw KVMError(operation: "KVM_GET_SUPPORTED_CPUID", errno: code) }
-            capacity *= 2
-        }
-        throw KVMError(operation: "KVM_GET_SUPPORTED_CPUID", errno: E2BIG)
+        try fillTable("KVM_GET_SUPPORTED_CPUID", CKVM_GET_SUPPORTED_CPUID, capacity: 128...4096,
+                      allocate: ckvm_cpuid2_alloc) { CPUIDTable(copying: $0) }
     }
 
     /// `KVM_GET_MSR_INDEX_LIST`: the MSRs KVM saves and restores for a vCPU.
     public func msrIndexList() throws(KVMError) -> [UInt32] {
-        var capacity: UInt32 = 256
-        while capacity <= 16384 {
-            guard let list = ckvm_msr_list_alloc(capacity) else {
-                throw KVMError(operation: "KVM_GET_MSR_INDEX_LIST", errno: ENOMEM)
-            }
-            defer { ckvm_free(list) }
-            if ckvm_ioctl_ptr(fileDescriptor, CKVM_GET_MSR_INDEX_LIST, list) == 0 {
-                return (0..<list.pointee.nmsrs).map { ckvm_msr_list_index(list, $0) }
-            }
+        try fillTable("KVM_GET_MSR_INDEX_LIST", CKVM_GET_MSR_INDEX_LIST, capacity: 256...16384,
+                      allocate: ckvm_msr_list_alloc) { list in (0..<list.pointee.nmsrs).map { ckvm_msr_list_index(list, $0) } }
+    }
+
+    /// Runs an ioctl that fills a variable-length table, doubling the table while KVM answers
+    /// E2BIG (it does not say how many entries it has).
+    private func fillTable<Table, Result>(_ name: String, _ request: UInt, capacity: ClosedRange<UInt32>,
+                                          allocate: (UInt32) -> UnsafeMutablePointer<Table>?,
+                                          decode: (UnsafeMutablePointer<Table>) -> Result) throws(KVMError) -> Result {
+        var entries = capacity.lowerBound
+        while entries <= capacity.upperBound {
+            guard let table = allocate(entries) else { throw KVMError(operation: name, errno: ENOMEM) }
+            defer { ckvm_free(table) }
+            if ckvm_ioctl_ptr(fileDescriptor, request, table) == 0 { return decode(table) }
             let code = ckvm_errno()
-            guard code == E2BIG else { throw KVMError(operation: "KVM_GET_MSR_INDEX_LIST", errno: code) }
-            capacity *= 2
+            guard code == E2BIG else { throw KVMError(operation: name, errno: code) }
+            entries *= 2
         }
-        throw KVMError(operation: "KVM_GET_MSR_INDEX_LIST", errno: E2BIG)
+        throw KVMError(operation: name, errno: E2BIG, detail: "more than \(capacity.upperBound) entries")
     }
 
     /// `KVM_CREATE_VM` (type 0: the default x86 VM).

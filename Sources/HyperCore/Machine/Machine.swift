@@ -49,12 +49,14 @@ public final class Machine: Sendable {
             vm = try kvm.createVirtualMachine()
             try vm.setIdentityMapAddress(GuestLayout.identityMapAddress)
             try vm.setTSSAddress(GuestLayout.tssAddress)
+            // Slots before the irqchip: adding a slot to a VM that already has one costs
+            // milliseconds more (measured: about 5.5 ms on a PVM host).
+            memory = try GuestMemory(size: configuration.memorySize)
+            try vm.map(memory)
             if configuration.inKernelIRQChip {
                 try vm.createInterruptController()
                 try vm.createPIT()
             }
-            memory = try GuestMemory(size: configuration.memorySize)
-            try vm.map(memory)
             var table = CPUSetup.prepare(try kvm.supportedCPUID())
             configuration.cpuidPolicy?(&table)
             cpuid = table

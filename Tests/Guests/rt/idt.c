@@ -42,7 +42,6 @@ void idt_set_handler(u8 vector, trap_handler h)
 	handlers[vector] = h;
 }
 
-void trap_dispatch(struct trap_frame *f);
 void trap_dispatch(struct trap_frame *f)
 {
 	if (handlers[f->vector]) {

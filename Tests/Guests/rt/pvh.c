@@ -38,7 +38,8 @@ static const char *skip_prefix(const char *s, const char *prefix)
 
 /*
  * Finds "key=" at the start of a word in the command line and parses the
- * number after it, decimal or 0x-prefixed hex. Returns 0 when absent.
+ * number after it, decimal or 0x-prefixed hex. Returns 0 when the key is
+ * absent or not followed by a number.
  */
 int cmdline_uint(const char *cmdline, const char *key, u64 *value)
 {

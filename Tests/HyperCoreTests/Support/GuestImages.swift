@@ -21,11 +21,14 @@ enum GuestImages {
 
     /// The bytes of `name` (e.g. "pvhinfo.elf"), building the guests first if needed.
     static func bytes(_ name: String) throws -> [UInt8] {
-        if let buildFailure { throw GuestBuildError(message: buildFailure) }
-        return try ImageFile.read(path(name))
+        try ImageFile.read(path(name))
     }
 
-    static func path(_ name: String) -> String { outputDirectory + "/" + name }
+    /// The path of a built guest (building the guests first if needed).
+    static func path(_ name: String) throws -> String {
+        if let buildFailure { throw GuestBuildError(message: buildFailure) }
+        return outputDirectory + "/" + name
+    }
 
     struct GuestBuildError: Error, CustomStringConvertible {
         let message: String

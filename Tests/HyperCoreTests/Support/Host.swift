@@ -17,6 +17,23 @@ enum TestHost {
         return parts.joined(separator: "/")
     }()
 
+    /// The `hvrun` binary built next to the test bundle (both live in the same `.build*/debug/`).
+    static let hvrunPath: String? = {
+        var buffer = [CChar](repeating: 0, count: 4096)
+        let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+        guard length > 0 else { return nil }
+        let executable = String(decoding: buffer[0..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        guard let slash = executable.lastIndex(of: "/") else { return nil }
+        let path = String(executable[..<slash]) + "/hvrun"
+        return access(path, X_OK) == 0 ? String(path) : nil
+    }()
+
+    /// Runs the built hvrun with a deadline.
+    static func hvrun(_ arguments: [String], stdin: String? = nil, timeoutSeconds: Double = 60) throws -> Subprocess.Result {
+        guard let hvrunPath else { throw Subprocess.Failure.spawn("hvrun (not built next to the tests)", 2) }
+        return try Subprocess.run(hvrunPath, arguments, stdin: stdin, timeoutSeconds: timeoutSeconds)
+    }
+
     /// Whether an executable is on PATH.
     static func hasTool(_ name: String) -> Bool {
         let path = getenv("PATH").map { String(cString: $0) } ?? "/usr/bin:/bin"
@@ -27,4 +44,13 @@ enum TestHost {
 extension Tag {
     /// Tests that run guests through /dev/kvm.
     @Tag static var kvm: Self
+}
+
+/// Writes bytes to a file (tests only).
+func writeFile(_ path: String, _ bytes: [UInt8]) throws {
+    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+    guard fd >= 0 else { throw Subprocess.Failure.spawn(path, errno) }
+    defer { close(fd) }
+    let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+    guard written == bytes.count else { throw Subprocess.Failure.spawn(path, errno) }
 }
