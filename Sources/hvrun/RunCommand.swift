@@ -44,7 +44,7 @@ struct RunCommand: ParsableCommand {
     @Flag(help: ArgumentHelp("Report on stderr the time from process start to the guest's first serial byte, the kernel's first line and the init's ready marker (write 123 to port 0x3F0 or MMIO 0xFEBFF000)."))
     var bootTime = false
 
-    @Option(help: ArgumentHelp("CPUID features to hide (name or -name) or force (+name), comma-separated: x2apic, kvmclock, … or LEAF[.SUB]:REG:BIT.", valueName: "list"))
+    @Option(help: ArgumentHelp("CPUID features to hide (name or -name) or force (+name), comma-separated: x2apic, kvmclock, … or LEAF[.SUB]:REG:BIT. Write --cpuid=-name when the list starts with a minus.", valueName: "list"))
     var cpuid: String?
 
     func validate() throws {

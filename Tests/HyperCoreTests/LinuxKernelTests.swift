@@ -60,10 +60,10 @@ struct LinuxKernelTests {
     static let commandLine = "console=ttyS0 earlyprintk=ttyS0 reboot=k panic=-1 hypercore.test=milestones"
 
     @Test("vmlinux through PVH: banner and command line, then a clean stop with the failure report (hvrun)",
-          .enabled(if: HostCheckLiveTests.hvrun != nil, "the hvrun binary is not next to the test bundle"),
+          .enabled(if: TestHost.hvrunPath != nil, "the hvrun binary is not next to the test bundle"),
           .timeLimit(.minutes(8)))
     func vmlinuxThroughPVH() throws {
-        let result = try Subprocess.run(try #require(HostCheckLiveTests.hvrun), [
+        let result = try Subprocess.run(try #require(TestHost.hvrunPath), [
             "run", "--kernel", LinuxGuest.vmlinuxPath, "--memory", "256M", "--cmdline", Self.commandLine,
             "--timeout", "400", "--boot-time",
         ], timeoutSeconds: 450)
@@ -118,10 +118,10 @@ struct LinuxKernelTests {
 
     @Test("bzImage + initramfs boots to the init's ready line",
           .enabled(if: LinuxGuest.hostRunsLinux, LinuxGuest.hostComment),
-          .enabled(if: HostCheckLiveTests.hvrun != nil, "the hvrun binary is not next to the test bundle"),
+          .enabled(if: TestHost.hvrunPath != nil, "the hvrun binary is not next to the test bundle"),
           .timeLimit(.minutes(2)))
     func bootsToInit() throws {
-        let result = try Subprocess.run(try #require(HostCheckLiveTests.hvrun), [
+        let result = try Subprocess.run(try #require(TestHost.hvrunPath), [
             "run", "--kernel", LinuxGuest.bzImagePath, "--initrd", LinuxGuest.initramfsPath, "--memory", "512M", "--cpus", "2",
             "--cmdline", "console=ttyS0 reboot=k panic=-1 quiet", "--timeout", "60", "--boot-time",
         ], timeoutSeconds: 90)
@@ -130,5 +130,58 @@ struct LinuxKernelTests {
         #expect(result.stderr.contains("init ready marker (from process start): "))
         #expect(!result.stderr.contains("init ready marker (from process start): not reached"))
         print(result.stderr)
+    }
+}
+
+/// `hvrun run` options added for Linux: bzImage detection and its refusals, --boot-time, --cpuid.
+@Suite("hvrun Linux options", .serialized, .tags(.kvm),
+       .enabled(if: TestHost.kvmUsable, TestHost.kvmSkipReason),
+       .enabled(if: TestHost.hvrunPath != nil, "the hvrun binary is not built next to the tests"))
+struct HVRunLinuxOptionTests {
+    static func temporaryFile(_ bytes: [UInt8]) throws -> String {
+        var template = Array("/tmp/hypercore-bzimage-XXXXXX".utf8CString)
+        let fd = mkstemp(&template)
+        try #require(fd >= 0)
+        defer { close(fd) }
+        _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        return String(cString: template)
+    }
+
+    @Test("a truncated bzImage and one needing more memory are refused with status 1 and the reason")
+    func bzImageRefusals() throws {
+        let whole = CraftedBzImage.make()
+        let truncated = try Self.temporaryFile(Array(whole.prefix(whole.count - 512)))
+        defer { unlink(truncated) }
+        let cut = try TestHost.hvrun(["run", "--kernel", truncated])
+        #expect(cut.status == 1)
+        #expect(cut.stderr.contains("truncated"), "\(cut.stderr)")
+        #expect(cut.stderr.contains(truncated))
+
+        var fields = CraftedBzImage.Fields()
+        fields.initSize = 0x1000_0000
+        let big = try Self.temporaryFile(CraftedBzImage.make(fields))
+        defer { unlink(big) }
+        let tooBig = try TestHost.hvrun(["run", "--kernel", big, "--memory", "64M"])
+        #expect(tooBig.status == 1)
+        #expect(tooBig.stderr.contains("raise --memory"), "\(tooBig.stderr)")
+    }
+
+    @Test("--boot-time reports the first serial byte of the embedded guest", .timeLimit(.minutes(1)))
+    func bootTime() throws {
+        let result = try TestHost.hvrun(["run", "--boot-time"], timeoutSeconds: 30)
+        #expect(result.status == 0)
+        #expect(result.stderr.contains("hvrun: boot time"))
+        #expect(result.stderr.contains("first serial byte (from process start): "))
+        #expect(!result.stderr.contains("first serial byte (from process start): not reached"))
+        #expect(result.stderr.contains("init ready marker (from process start): not reached"))
+    }
+
+    @Test("--cpuid takes named and numeric features and refuses unknown ones", .timeLimit(.minutes(1)))
+    func cpuidOption() throws {
+        let ok = try TestHost.hvrun(["run", "--cpuid=-x2apic,+0x40000001:eax:3"], timeoutSeconds: 30)
+        #expect(ok.status == 0, "\(ok.stderr)")
+        let bad = try TestHost.hvrun(["run", "--cpuid", "warp-drive"])
+        #expect(bad.status == 1)
+        #expect(bad.stderr.contains("unknown CPUID feature \"warp-drive\""))
     }
 }
