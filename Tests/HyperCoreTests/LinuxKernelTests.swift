@@ -64,12 +64,20 @@ struct LinuxKernelTests {
           .timeLimit(.minutes(8)))
     func vmlinuxThroughPVH() throws {
         let result = try Subprocess.run(try #require(TestHost.hvrunPath), [
-            "run", "--kernel", LinuxGuest.vmlinuxPath, "--memory", "256M", "--cmdline", Self.commandLine,
+            "run", "--kernel", LinuxGuest.vmlinuxPath, "--memory", "256M", "--cpus", "2", "--cmdline", Self.commandLine,
             "--timeout", "400", "--boot-time",
         ], timeoutSeconds: 450)
         #expect(!result.timedOut)
         #expect(result.stdout.contains("Linux version 6."))
         #expect(result.stdout.contains("Command line: \(Self.commandLine)"))
+        // Our ACPI tables, found through hvm_start_info.rsdp_paddr; the MADT gives the CPU count
+        // (Debian's kernel has no MP-table parser) and the IOAPIC.
+        #expect(result.stdout.contains("ACPI: RSDP 0x00000000000E0000"))
+        #expect(result.stdout.contains("ACPI: Using ACPI (MADT) for SMP configuration information"))
+        #expect(result.stdout.contains("smpboot: Allowing 2 CPUs"))
+        #expect(result.stdout.contains("IOAPIC[0]: apic_id 2, version 17, address 0xfec00000"))
+        // MTRRs enabled by the boot MSRs, so PAT is set up rather than skipped.
+        #expect(!result.stdout.contains("MTRRs disabled"))
         #expect(result.stderr.contains("kernel's first line (from process start): "))
         #expect(!result.stderr.contains("kernel's first line (from process start): not reached"))
         if LinuxGuest.hostRunsLinux {
@@ -99,6 +107,7 @@ struct LinuxKernelTests {
         #expect(text.contains("Linux version 6."))
         #expect(text.contains("Command line: \(Self.commandLine)"))
         #expect(text.contains("BIOS-e820: [mem 0x0000000000100000-0x000000000fffffff] usable"))
+        #expect(text.contains("ACPI: RSDP 0x00000000000E0000")) // boot_params.acpi_rsdp_addr
         #expect(timer.elapsed(.kernelFirstLine) != nil)
         if LinuxGuest.hostRunsLinux {
             #expect(exit == .reset, "\(exit)")
