@@ -11,8 +11,9 @@ struct RunCommand: ParsableCommand {
         commandName: "run",
         abstract: "Boot a guest and exit with it (the default command).",
         discussion: """
-            Without --kernel, runs the small guest embedded in hvrun. The guest's serial console \
-            (COM1) is this terminal.
+            Without --kernel, runs the small guest embedded in hvrun. A Linux bzImage is booted through \
+            the 64-bit boot protocol, an ELF through PVH (Tests/Linux/make-guest.sh builds both and an \
+            initramfs). The guest's serial console (COM1) is this terminal.
             Exit status: 0 guest reset or power-off; N the guest wrote N to the debug-exit port 0x501; \
             3 guest failure (triple fault, KVM internal error); 124 --timeout expired; 130 interrupted; \
             1 host or usage error.

@@ -8,7 +8,7 @@ public struct MachineConfiguration: Sendable {
         case linux(kernel: [UInt8], kernelName: String, initrd: [UInt8]?, commandLine: String)
         /// A raw binary started in real mode at `loadAddress` (below 1 MiB).
         case flat(image: [UInt8], name: String, loadAddress: UInt64)
-        /// A loader supplied by the caller (Linux bzImage, tests): it fills guest memory and
+        /// A loader supplied by the caller (tests, other image formats): it fills guest memory and
         /// returns the boot vCPU's state.
         case custom(name: String, load: @Sendable (GuestMemory) throws(BootError) -> BootState)
     }
