@@ -11,19 +11,20 @@ struct RunCommand: ParsableCommand {
         commandName: "run",
         abstract: "Boot a guest and exit with it (the default command).",
         discussion: """
-            Without --kernel, runs the small guest embedded in hvrun. The guest's serial console \
-            (COM1) is this terminal.
+            Without --kernel, runs the small guest embedded in hvrun. A Linux bzImage is booted through \
+            the 64-bit boot protocol, an ELF through PVH (Tests/Linux/make-guest.sh builds both and an \
+            initramfs). The guest's serial console (COM1) is this terminal.
             Exit status: 0 guest reset or power-off; N the guest wrote N to the debug-exit port 0x501; \
             3 guest failure (triple fault, KVM internal error); 124 --timeout expired; 130 interrupted; \
             1 host or usage error.
             """
     )
 
-    @Option(name: [.short, .long], help: ArgumentHelp("PVH ELF kernel to boot (a vmlinux, or a test guest).", valueName: "file"),
+    @Option(name: [.short, .long], help: ArgumentHelp("Kernel to boot: a Linux bzImage, or a PVH ELF (a vmlinux, or a test guest).", valueName: "file"),
             completion: .file())
     var kernel: String?
 
-    @Option(help: ArgumentHelp("Initial ramdisk, passed to the kernel as PVH module 0.", valueName: "file"), completion: .file())
+    @Option(help: ArgumentHelp("Initial ramdisk (bzImage: through the zero page; PVH: as module 0).", valueName: "file"), completion: .file())
     var initrd: String?
 
     @Option(help: ArgumentHelp("Kernel command line.", valueName: "string"))
@@ -58,6 +59,12 @@ struct RunCommand: ParsableCommand {
                                valueName: "pci|mmio"))
     var virtioTransport: TransportKind = .pci
 
+    @Flag(help: ArgumentHelp("Report on stderr the time from process start to the guest's first serial byte, the kernel's first line and the init's ready marker (write 123 to port 0x3F0 or MMIO 0xFEBFF000)."))
+    var bootTime = false
+
+    @Option(help: ArgumentHelp("CPUID features to hide (name or -name) or force (+name), comma-separated: x2apic, kvmclock, … or LEAF[.SUB]:REG:BIT. Write --cpuid=-name when the list starts with a minus.", valueName: "list"))
+    var cpuid: String?
+
     func validate() throws {
         guard (1...MachineConfiguration.maximumCPUs).contains(cpus) else {
             throw ValidationError("--cpus must be between 1 and \(MachineConfiguration.maximumCPUs)")
@@ -71,13 +78,25 @@ struct RunCommand: ParsableCommand {
         if let kernel {
             let kernelBytes = try ImageFile.read(kernel)
             let initrdBytes = try initrd.map { path throws(BootError) in try ImageFile.read(path) }
-            boot = .pvh(kernel: kernelBytes, kernelName: kernel, initrd: initrdBytes, commandLine: cmdline)
+            // A bzImage starts with a boot sector carrying "HdrS"; anything else must be a PVH ELF
+            // (the ELF loader explains what is wrong with a file that is neither).
+            if BzImageHeader.looksLikeBzImage(kernelBytes) {
+                boot = .linux(kernel: kernelBytes, kernelName: kernel, initrd: initrdBytes, commandLine: cmdline)
+            } else {
+                boot = .pvh(kernel: kernelBytes, kernelName: kernel, initrd: initrdBytes, commandLine: cmdline)
+            }
         } else {
             boot = .pvh(kernel: embeddedGuestELF, kernelName: "embedded guest", initrd: nil, commandLine: cmdline)
         }
         var configuration = MachineConfiguration(boot: boot)
         configuration.memorySize = memory.bytes
         configuration.cpuCount = cpus
+        if let cpuid {
+            let policy = try CPUIDPolicy.parse(cpuid)
+            configuration.cpuidPolicy = { policy.apply(to: &$0) }
+        }
+        let timer = bootTime ? BootTimer(origin: BootTimer.processStart() ?? BootTimer.now()) : nil
+        configuration.bootTimer = timer
         if let consoleLog {
             configuration.console = TeeOutput([FileDescriptorOutput.standardOutput, try FileDescriptorOutput(path: consoleLog)])
         }
@@ -99,6 +118,7 @@ struct RunCommand: ParsableCommand {
         session.onInterrupt { machine.stop() }
         let exit = try machine.run(timeout: timeout.map { .milliseconds(Int64(($0 * 1000).rounded())) })
         session.restore()
+        if let timer { printError("hvrun: boot time\n" + timer.report()) }
         throw ExitCode(Self.status(for: exit, interrupted: session.wasInterrupted))
     }
 

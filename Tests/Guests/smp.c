@@ -5,7 +5,7 @@
 #include "rt.h"
 
 #define EXIT_SMP	0x35
-#define MAX_APS		16		/* as in smp_ap.S */
+#define MAX_APS		63		/* as in smp_ap.S */
 #define TRAMP_BASE	0x8000
 #define SIPI_VECTOR	(TRAMP_BASE >> 12)
 
@@ -52,7 +52,7 @@ void guest_main(struct hvm_start_info *si)
 	uart_init();
 	cmdline_uint(pvh_cmdline(si), "cpus", &cpus);
 	if (cpus < 1 || cpus > MAX_APS + 1) {
-		uart_puts("error=need cpus=1..17\n");
+		uart_puts("error=need cpus=1..64\n");
 		debug_exit(EXIT_FAILURE);
 	}
 	u32 want = cpus - 1;

@@ -8,7 +8,7 @@
 #define TRAMP_BASE	0x8000
 #define AT(x)		((x) - ap_trampoline + TRAMP_BASE)
 #define AP_REPORT_PORT	0x522
-#define MAX_APS		16
+#define MAX_APS		63
 
 	.section .text.ap, "ax"
 	.code16

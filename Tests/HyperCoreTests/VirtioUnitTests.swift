@@ -16,6 +16,42 @@ struct VirtioUnitTests {
         withUnsafeBytes(of: value) { device.configWrite(offset: offset, from: UnsafeRawBufferPointer(rebasing: $0[0..<width])) }
     }
 
+    @Test("console input that arrives after the guest posted receive buffers is delivered (the poll loop must not spin on them)")
+    func consoleInputAfterReceiveBuffers() throws {
+        var fds: [Int32] = [0, 0]
+        #expect(pipe(&fds) == 0)
+        defer { close(fds[0]); close(fds[1]) }
+        let harness = try VirtioHarness(device: VirtioConsole(output: BufferOutput(), input: fds[0]))
+        #expect(harness.initialize(features: VirtioFeature.version1) == 0xF)
+        // Receive buffer first, then nothing to read: the device must leave it in the ring…
+        harness.setDescriptor(0, address: VirtioHarness.dataAddress, length: 64, flags: Virtqueue.descriptorWrite, next: 0)
+        harness.submit(0)
+        usleep(50_000)
+        #expect(harness.usedIndex == 0)
+        // …and still notice the host input that comes later.
+        _ = "ping".withCString { write(fds[1], $0, 4) }
+        #expect(harness.waitFor(seconds: 5) { harness.usedIndex == 1 })
+        #expect(harness.usedElement(0).length == 4)
+        #expect(try harness.memory.readBytes(at: VirtioHarness.dataAddress, count: 4) == Array("ping".utf8))
+    }
+
+    @Test("a queue counts as having work only when the driver published something new")
+    func pollingSeesOnlyNewBuffers() throws {
+        let memory = try GuestMemory(size: 1 << 20)
+        let queue = Virtqueue(maximumSize: 8, memory: memory)
+        queue.descriptorTableAddress = 0x1000; queue.availableRingAddress = 0x2000; queue.usedRingAddress = 0x3000
+        queue.enabled = true
+        try queue.activate(eventIndex: false, indirect: false)
+        #expect(!queue.hasNewAvailable())
+        try memory.store(UInt16(1), at: 0x2002)   // the driver publishes one chain
+        #expect(queue.hasNewAvailable())
+        queue.noteProcessed()                     // the device looked and left it there
+        #expect(!queue.hasNewAvailable())
+        #expect(try queue.pendingCount() == 1)
+        try memory.store(UInt16(2), at: 0x2002)
+        #expect(queue.hasNewAvailable())
+    }
+
     @Test("virtio-pci config space: IDs, BAR size probing (32- and 64-bit), capability chain, relocation")
     func pciConfigSpace() throws {
         let harness = try VirtioHarness(device: VirtioBlock(backend: MemoryDisk(sectors: 8)))

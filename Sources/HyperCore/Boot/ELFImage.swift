@@ -188,6 +188,8 @@ public enum BootError: Error, Equatable, Sendable, CustomStringConvertible {
     case unsupported(file: String, detail: String)
     case cannotRead(file: String, errno: Int32)
     case tooLarge(file: String, size: UInt64, maximum: UInt64)
+    /// The guest has less RAM below the 32-bit MMIO hole than the image needs.
+    case insufficientMemory(file: String, needed: UInt64, available: UInt64, why: String)
 
     public var description: String {
         switch self {
@@ -209,6 +211,9 @@ public enum BootError: Error, Equatable, Sendable, CustomStringConvertible {
             return "\(file): \(detail)"
         case let .cannotRead(file, errno):
             return "\(file): cannot read: \(SystemError.describe(errno))"
+        case let .insufficientMemory(file, needed, available, why):
+            let mib = (needed + (1 << 20) - 1) >> 20
+            return "\(file): needs guest RAM up to 0x\(String(needed, radix: 16)) (\(mib) MiB) but only \(available >> 20) MiB is available below the MMIO hole: \(why); raise --memory to at least \(mib + 16)M"
         case let .tooLarge(file, size, maximum):
             return "\(file): \(size) bytes is larger than the \(maximum >> 20) MiB this loader accepts"
         }

@@ -26,7 +26,7 @@ public enum PVHLoader {
 
     /// Loads `kernel` (and `initrd`, as module 0) into `memory`.
     public static func load(kernel: [UInt8], kernelName: String, initrd: [UInt8]?, initrdName: String = "initrd",
-                            commandLine: String, into memory: GuestMemory) throws(BootError) -> BootState {
+                            commandLine: String, acpiRSDP: UInt64 = 0, into memory: GuestMemory) throws(BootError) -> BootState {
         let image = try ELFImage(bytes: kernel, name: kernelName)
         guard let entry = image.pvhEntry else { throw .noPVHEntry(file: kernelName) }
 
@@ -93,7 +93,7 @@ public enum PVHLoader {
             try memory.store(UInt32(modules.count), at: info + 12)         // nr_modules
             try memory.store(modules.isEmpty ? 0 : Addresses.moduleList, at: info + 16)
             try memory.store(Addresses.commandLine, at: info + 24)
-            try memory.store(UInt64(0), at: info + 32)                     // rsdp_paddr: no ACPI
+            try memory.store(acpiRSDP, at: info + 32)                      // rsdp_paddr (0: none)
             try memory.store(Addresses.memoryMap, at: info + 40)
             try memory.store(UInt32(map.count), at: info + 48)
             try memory.store(UInt32(0), at: info + 52)

@@ -64,16 +64,15 @@ public struct CPUIDTable: Sendable, Equatable {
     }
 
     /// The table a vCPU should see: the supported table with that vCPU's APIC ID filled in
-    /// (leaf 1 EBX[31:24], leaf 0xB/0x1F EDX) and the logical-processor count of the package.
+    /// (leaf 1 EBX[31:24], leaf 0xB/0x1F EDX), the logical-processor count of the package and the
+    /// topology levels of leaves 0xB/0x1F and 4 (see ``CPUSetup/topology(_:vcpu:count:)``).
     public func forVCPU(_ id: UInt32, count: UInt32) -> CPUIDTable {
         var table = self
         table.update(function: 1) { entry in
             entry.ebx = (entry.ebx & 0x0000_FFFF) | (id << 24) | (min(count, 255) << 16)
             if count > 1 { entry.edx |= 1 << 28 } // HTT: the count in EBX[23:16] is valid
         }
-        for leaf: UInt32 in [0xB, 0x1F] {
-            table.update(function: leaf) { $0.edx = id }
-        }
+        CPUSetup.topology(&table, vcpu: id, count: count)
         return table
     }
 }

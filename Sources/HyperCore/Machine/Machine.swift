@@ -60,7 +60,7 @@ public final class Machine: Sendable {
                 try vm.createInterruptController()
                 try vm.createPIT()
             }
-            var table = try kvm.supportedCPUID()
+            var table = CPUSetup.prepare(try kvm.supportedCPUID())
             configuration.cpuidPolicy?(&table)
             cpuid = table
         } catch let error as KVMError {
@@ -75,13 +75,15 @@ public final class Machine: Sendable {
 
         let lifecycle = self.lifecycle
         let interrupt: any InterruptLine = configuration.inKernelIRQChip ? IRQChipLine(vm: vm, gsi: 4) : RecordingLine()
-        serial = Serial16550(output: configuration.console, interrupt: interrupt)
+        serial = Serial16550(output: configuration.bootTimer.map { $0.watching(configuration.console) } ?? configuration.console,
+                             interrupt: interrupt)
         var ports = BusBuilder(name: "port I/O")
         var mmio = BusBuilder(name: "MMIO")
         do {
             try ports.register(serial, at: 0x3F8, size: 8)
             try ports.register(I8042(onReset: { lifecycle.finish(.reset) }), at: 0x60, size: 5)
             try ports.register(DebugExit(onExit: { lifecycle.finish(.debugExit($0)) }), at: DebugExit.defaultPort, size: 2)
+            try PlatformDevices.register(ports: &ports, mmio: &mmio, configuration: configuration)
             for mapping in configuration.portDevices {
                 try ports.register(mapping.device, at: mapping.base, size: mapping.size)
             }
@@ -97,10 +99,16 @@ public final class Machine: Sendable {
         mmioBus = mmio.build()
 
         do {
+            try PlatformDevices.writeFirmwareTables(configuration: configuration, cpuid: cpuid, into: memory)
             switch configuration.boot {
             case let .pvh(kernel, kernelName, initrd, commandLine):
                 bootState = try PVHLoader.load(kernel: kernel, kernelName: kernelName, initrd: initrd,
-                                               commandLine: commandLine + (virtio?.commandLineSuffix ?? ""), into: memory)
+                                               commandLine: commandLine + (virtio?.commandLineSuffix ?? ""),
+                                               acpiRSDP: PlatformDevices.rsdp(configuration), into: memory)
+            case let .linux(kernel, kernelName, initrd, commandLine):
+                bootState = try LinuxLoader.load(bzImage: kernel, name: kernelName, initrd: initrd,
+                                                 commandLine: commandLine + (virtio?.commandLineSuffix ?? ""),
+                                                 acpiRSDP: PlatformDevices.rsdp(configuration), into: memory)
             case let .flat(image, name, loadAddress):
                 bootState = try FlatBinaryLoader.load(image: image, name: name, at: loadAddress, into: memory)
             case let .custom(_, load):

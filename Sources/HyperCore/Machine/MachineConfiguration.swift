@@ -4,9 +4,11 @@ public struct MachineConfiguration: Sendable {
     public enum Boot: Sendable {
         /// An ELF kernel entered through its PVH note; `initrd` becomes PVH module 0.
         case pvh(kernel: [UInt8], kernelName: String, initrd: [UInt8]?, commandLine: String)
+        /// A Linux bzImage entered through the 64-bit boot protocol (zero page, e820, initrd).
+        case linux(kernel: [UInt8], kernelName: String, initrd: [UInt8]?, commandLine: String)
         /// A raw binary started in real mode at `loadAddress` (below 1 MiB).
         case flat(image: [UInt8], name: String, loadAddress: UInt64)
-        /// A loader supplied by the caller (Linux bzImage, tests): it fills guest memory and
+        /// A loader supplied by the caller (tests, other image formats): it fills guest memory and
         /// returns the boot vCPU's state.
         case custom(name: String, load: @Sendable (GuestMemory) throws(BootError) -> BootState)
     }
@@ -40,6 +42,10 @@ public struct MachineConfiguration: Sendable {
     public var virtioDevices: [VirtioDeviceConfiguration] = []
     /// CPUID changes applied to every vCPU's table after KVM's supported set is fetched.
     public var cpuidPolicy: (@Sendable (inout CPUIDTable) -> Void)?
+    /// Whether to give the guest ACPI tables (RSDP, XSDT, FADT, MADT, DSDT) besides the MP table.
+    public var acpi = true
+    /// Boot-time milestones (first serial byte, kernel banner, init's ready marker), when set.
+    public var bootTimer: BootTimer?
     /// The KVM device node.
     public var kvmPath = "/dev/kvm"
 

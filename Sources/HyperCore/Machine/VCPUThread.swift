@@ -112,6 +112,7 @@ enum VCPURunLoop {
     private static func configure(_ context: VCPUContext) throws(KVMError) -> VCPU {
         let vcpu = try context.vm.createVCPU(id: context.id)
         try vcpu.setCPUID(context.cpuid)
+        try CPUSetup.configure(vcpu, isBoot: context.id == 0)
         if let boot = context.boot {
             let reset = try vcpu.specialRegisters()
             try vcpu.setSpecialRegisters(boot.specialRegisters(from: reset))

@@ -283,15 +283,17 @@ public final class VirtioDeviceCore: @unchecked Sendable {
             } catch {
                 markBroken(error)
             }
+            queues[index].noteProcessed()
             resumeInputIfPaused()
         }
     }
 
-    /// Whether queue `index` has chains waiting (the I/O thread's polling check).
+    /// Whether the driver published new chains on queue `index` since it was last processed (the
+    /// I/O thread's polling check).
     func queueHasWork(_ index: Int) -> Bool {
         lock.withLock {
             guard isLive, index < queues.count, queues[index].isActive else { return false }
-            return ((try? queues[index].pendingCount()) ?? 1) > 0  // a broken ring: let processQueue report it
+            return queues[index].hasNewAvailable()
         }
     }
 

@@ -107,6 +107,8 @@ public final class Virtqueue: @unchecked Sendable {
     public private(set) var lastAvailableIndex: UInt16 = 0
     public private(set) var usedIndex: UInt16 = 0
     private var lastSignalledUsed: UInt16 = 0
+    /// The driver's available index when the device last processed this queue.
+    private var availableIndexAtLastLook: UInt16 = 0
     private var eventIndex = false
     private var indirect = false
     private var descriptors: UnsafeMutableRawPointer?
@@ -137,6 +139,7 @@ public final class Virtqueue: @unchecked Sendable {
         lastAvailableIndex = 0
         usedIndex = 0
         lastSignalledUsed = 0
+        availableIndexAtLastLook = 0
         descriptors = nil
         available = nil
         used = nil
@@ -159,6 +162,7 @@ public final class Virtqueue: @unchecked Sendable {
         lastAvailableIndex = 0
         usedIndex = 0
         lastSignalledUsed = 0
+        availableIndexAtLastLook = 0
         isActive = true
     }
 
@@ -171,6 +175,20 @@ public final class Virtqueue: @unchecked Sendable {
     }
 
     // MARK: Available ring
+
+    /// Records the driver's available index as the device's last look at the queue.
+    public func noteProcessed() {
+        guard isActive, let available else { return }
+        availableIndexAtLastLook = ckvm_load_acquire_u16(available + 2)
+    }
+
+    /// Whether the driver published buffers since the device last processed the queue. Buffers
+    /// the device chose to leave in the ring (a receive queue waiting for host input) do not count:
+    /// polling on them would spin forever and starve the device's other event sources.
+    public func hasNewAvailable() -> Bool {
+        guard isActive, let available else { return false }
+        return ckvm_load_acquire_u16(available + 2) != availableIndexAtLastLook
+    }
 
     /// Number of chains the driver has made available and the device has not taken.
     public func pendingCount() throws(VirtqueueError) -> Int {
