@@ -19,57 +19,90 @@ final class SpinLockedState<Value: Sendable>: @unchecked Sendable {
     func update<R>(_ body: (inout Value) -> R) -> R { mutex.withLock { body(&$0) } }
 }
 
-/// A one-shot result that threads can wait for with a deadline (pthread mutex + condition on
-/// CLOCK_MONOTONIC, since `Mutex` has no condition variable). The first ``complete(_:)`` wins.
-final class OneShot<Value: Sendable>: @unchecked Sendable {
-    private var mutex = pthread_mutex_t()
-    private var condition = pthread_cond_t()
-    private var value: Value?
+/// A pthread mutex on the heap, so its address never moves (Swift does not promise a stable
+/// address for a stored property passed with `&`). For state shared by vCPU, I/O and host
+/// threads where blocking is acceptable; `Mutex` serves the rest.
+final class PthreadLock: @unchecked Sendable {
+    fileprivate let mutex: UnsafeMutablePointer<pthread_mutex_t>
 
     init() {
-        pthread_mutex_init(&mutex, nil)
+        mutex = .allocate(capacity: 1)
+        pthread_mutex_init(mutex, nil)
+    }
+
+    deinit {
+        pthread_mutex_destroy(mutex)
+        mutex.deallocate()
+    }
+
+    @inline(__always)
+    func withLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
+        pthread_mutex_lock(mutex)
+        defer { pthread_mutex_unlock(mutex) }
+        return try body()
+    }
+}
+
+/// A ``PthreadLock`` with a condition variable on CLOCK_MONOTONIC, for waiting with a deadline.
+final class PthreadCondition: @unchecked Sendable {
+    let lock = PthreadLock()
+    private let condition: UnsafeMutablePointer<pthread_cond_t>
+
+    init() {
+        condition = .allocate(capacity: 1)
         var attributes = pthread_condattr_t()
         pthread_condattr_init(&attributes)
         pthread_condattr_setclock(&attributes, CLOCK_MONOTONIC)
-        pthread_cond_init(&condition, &attributes)
+        pthread_cond_init(condition, &attributes)
         pthread_condattr_destroy(&attributes)
     }
 
     deinit {
-        pthread_cond_destroy(&condition)
-        pthread_mutex_destroy(&mutex)
+        pthread_cond_destroy(condition)
+        condition.deallocate()
     }
+
+    /// Wakes every waiter. Call with the lock held.
+    func broadcast() { pthread_cond_broadcast(condition) }
+
+    /// Waits (lock held) until woken or until `deadline` (CLOCK_MONOTONIC nanoseconds) passes;
+    /// returns false on timeout.
+    func wait(untilNanoseconds deadline: UInt64? = nil) -> Bool {
+        guard let deadline else {
+            pthread_cond_wait(condition, lock.mutex)
+            return true
+        }
+        var spec = timespec(tv_sec: Int(deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
+        return pthread_cond_timedwait(condition, lock.mutex, &spec) != ETIMEDOUT
+    }
+}
+
+/// A one-shot result that threads can wait for with a deadline. The first ``complete(_:)`` wins.
+final class OneShot<Value: Sendable>: @unchecked Sendable {
+    private let condition = PthreadCondition()
+    private var value: Value?
 
     /// Stores `result` unless a value is already there. Returns whether this call won.
     @discardableResult
     func complete(_ result: Value) -> Bool {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        guard value == nil else { return false }
-        value = result
-        pthread_cond_broadcast(&condition)
-        return true
+        condition.lock.withLock {
+            guard value == nil else { return false }
+            value = result
+            condition.broadcast()
+            return true
+        }
     }
 
-    var current: Value? {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        return value
-    }
+    var current: Value? { condition.lock.withLock { value } }
 
     /// Waits until a value exists or `deadline` (CLOCK_MONOTONIC nanoseconds) passes.
     func wait(untilNanoseconds deadline: UInt64?) -> Value? {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        while value == nil {
-            if let deadline {
-                var spec = timespec(tv_sec: Int(deadline / 1_000_000_000), tv_nsec: Int(deadline % 1_000_000_000))
-                if pthread_cond_timedwait(&condition, &mutex, &spec) == ETIMEDOUT { break }
-            } else {
-                pthread_cond_wait(&condition, &mutex)
+        condition.lock.withLock {
+            while value == nil {
+                if !condition.wait(untilNanoseconds: deadline) { break }
             }
+            return value
         }
-        return value
     }
 }
 

@@ -225,49 +225,38 @@ enum VCPURunLoop {
 /// Lets the machine wait until every vCPU thread has created its vCPU, then release them together
 /// (an AP must exist before the boot CPU sends it INIT/SIPI).
 final class StartGate: @unchecked Sendable {
-    private var mutex = pthread_mutex_t()
-    private var condition = pthread_cond_t()
+    private let condition = PthreadCondition()
     private var arrivals: [Result<Void, MachineError>] = []
     private var decision: Bool?
 
-    init() {
-        pthread_mutex_init(&mutex, nil)
-        pthread_cond_init(&condition, nil)
-    }
-
-    deinit {
-        pthread_cond_destroy(&condition)
-        pthread_mutex_destroy(&mutex)
-    }
-
     func arrive(_ result: Result<Void, MachineError>) {
-        pthread_mutex_lock(&mutex)
-        arrivals.append(result)
-        pthread_cond_broadcast(&condition)
-        pthread_mutex_unlock(&mutex)
+        condition.lock.withLock {
+            arrivals.append(result)
+            condition.broadcast()
+        }
     }
 
     /// Waits for `count` arrivals; returns the first failure, if any.
     func waitForArrivals(_ count: Int) -> MachineError? {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        while arrivals.count < count { pthread_cond_wait(&condition, &mutex) }
-        for case let .failure(error) in arrivals { return error }
-        return nil
+        condition.lock.withLock {
+            while arrivals.count < count { _ = condition.wait() }
+            for case let .failure(error) in arrivals { return error }
+            return nil
+        }
     }
 
     /// Releases the vCPUs: `go` true to run, false to make them return at once.
     func release(go: Bool) {
-        pthread_mutex_lock(&mutex)
-        decision = go
-        pthread_cond_broadcast(&condition)
-        pthread_mutex_unlock(&mutex)
+        condition.lock.withLock {
+            decision = go
+            condition.broadcast()
+        }
     }
 
     func waitForStart() -> Bool {
-        pthread_mutex_lock(&mutex)
-        defer { pthread_mutex_unlock(&mutex) }
-        while decision == nil { pthread_cond_wait(&condition, &mutex) }
-        return decision!
+        condition.lock.withLock {
+            while decision == nil { _ = condition.wait() }
+            return decision!
+        }
     }
 }

@@ -93,25 +93,6 @@ public protocol VirtioInterrupts: AnyObject, Sendable {
     func configInterrupt(vector: UInt16)
 }
 
-/// A pthread mutex on the heap (stable address), for state shared by vCPU and I/O threads.
-final class PthreadLock: @unchecked Sendable {
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-    init() {
-        mutex = .allocate(capacity: 1)
-        pthread_mutex_init(mutex, nil)
-    }
-    deinit {
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
-    }
-    @inline(__always)
-    func withLock<R, E: Error>(_ body: () throws(E) -> R) throws(E) -> R {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return try body()
-    }
-}
-
 /// The transport-independent half of a virtio device: status state machine, feature negotiation,
 /// queue configuration, and the link to the device model and its I/O thread. PCI and MMIO
 /// transports translate their register layouts into calls on this class, always under ``lock``.
