@@ -113,6 +113,28 @@ struct GuestIntegrationTests {
         #expect(run.pairs.map { "\($0.0)=\($0.1)" } == expected.map { "\($0.0)=\($0.1)" })
     }
 
+    @Test("the UART's IRQ 4 reaches the guest through the in-kernel IOAPIC: THR-empty, then host input", .timeLimit(.minutes(1)))
+    func uartInterruptsThroughIOAPIC() throws {
+        let console = BufferOutput()
+        var configuration = MachineConfiguration(boot: .pvh(kernel: try GuestImages.bytes("uartirq.elf"), kernelName: "uartirq.elf",
+                                                            initrd: nil, commandLine: ""))
+        configuration.memorySize = 32 << 20
+        configuration.console = console
+        let machine = try Machine(configuration)
+        try machine.start()
+        // Host input arrives from another thread, once the guest sleeps waiting for it.
+        let deadline = ContinuousClock.now + .seconds(20)
+        while !console.text.contains("ready\n"), machine.exit == nil, ContinuousClock.now < deadline { usleep(1000) }
+        machine.serial.receive([UInt8(ascii: "Z")])
+        let exit = machine.wait(timeout: .seconds(20))
+        #expect(exit == .debugExit(0x37), "\(console.text)")
+        let run = GuestRun(exit: exit, console: console.text)
+        #expect(run.values["thre_irqs"] == "1")
+        #expect(run.values["rx_irqs"] == "1")
+        #expect(run.values["rx"] == "Z")
+        #expect(run.values["other_irqs"] == "0")
+    }
+
     @Test("i8042 pulse-reset ends the run as a reset", .timeLimit(.minutes(1)))
     func keyboardControllerReset() throws {
         let run = try GuestRun.pvh("reset.elf")
