@@ -52,6 +52,14 @@ let package = Package(
             exclude: ["Fixtures"],
             swiftSettings: strictSwift
         ),
+        // libFuzzer target over the VHDX open path. A plain build makes a replay tool; the fuzzer
+        // build adds -sanitize=fuzzer,address -parse-as-library -DVHDX_FUZZ (see Docs/VHDX.md).
+        .executableTarget(
+            name: "vhdx-fuzz",
+            dependencies: ["HyperCore", "CStorage"],
+            path: "Tests/Fuzz/VHDXFuzz",
+            swiftSettings: strictSwift
+        ),
         // Linux file calls for the storage layer (hole punching, memfd) that need _GNU_SOURCE.
         .target(
             name: "CStorage",

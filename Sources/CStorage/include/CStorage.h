@@ -10,4 +10,9 @@ int cstorage_punch_hole(int fd, int64_t offset, int64_t length);
 
 /// An anonymous in-memory file (the fuzzer opens its inputs through one).
 int cstorage_memfd(const char *name);
+
+/// libFuzzer's entry point for programs with their own main (the vhdx-fuzz target under
+/// -sanitize=fuzzer, where SwiftPM routes main to the target's own symbol). Only declared here.
+#include <stddef.h>
+int LLVMFuzzerRunDriver(int *argc, char ***argv, int (*callback)(const uint8_t *data, size_t size));
 #endif

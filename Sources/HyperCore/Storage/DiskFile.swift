@@ -183,3 +183,15 @@ extension DiskFile {
         try writeZeros(at: offset, length: length)
     }
 }
+
+extension DiskFile {
+    /// An anonymous in-memory file holding `bytes` (the fuzzer's inputs). Its path is the
+    /// `/proc/self/fd` link, so path-based tools such as `check` can open it too.
+    public static func inMemory(_ bytes: [UInt8], readOnly: Bool = false) throws(VHDXError) -> DiskFile {
+        let fd = cstorage_memfd("vhdx-input")
+        guard fd >= 0 else { throw .io(path: "memfd", operation: "memfd_create", offset: 0, errno: errno) }
+        let file = DiskFile(adopting: fd, path: "/proc/self/fd/\(fd)", readOnly: false)
+        try file.write(bytes, at: 0)
+        return readOnly ? DiskFile(adopting: dup(fd), path: file.path, readOnly: true) : file
+    }
+}

@@ -200,6 +200,8 @@ public final class VHDXImage: BlockBackend, @unchecked Sendable {
             switch e.state {
             case 0, 1, 2, 3, 5: continue
             case 6, 7:
+                // A differencing BAT covers whole chunks; entries past the last block must be unused.
+                guard block < g.payloadBlocks else { bad("block \(block) lies past the end of the disk but is marked present"); continue }
                 if e.state == 7 {
                     guard g.hasParent else { bad("PARTIALLY_PRESENT block in a disk without a parent"); continue }
                     chunksNeedingBitmap.insert(chunk)

@@ -123,6 +123,12 @@ extension VHDXImage {
         }
     }
 
+    /// Drops the image without the clean-close header update, leaving the log pending exactly as a
+    /// crash after the last flush would (the fuzzer's templates and the tests use it).
+    public func abandon() {
+        lock.withLock { closed = true }
+    }
+
     // MARK: - BAT and bitmap changes (held in memory until flush)
 
     func setBATEntry(_ index: Int, _ entry: BATEntry) {

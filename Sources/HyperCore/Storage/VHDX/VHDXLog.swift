@@ -75,6 +75,8 @@ enum VHDXLog {
     static func decodeEntry(log: [UInt8], at offset: Int, logGuid: GUID) -> Entry? {
         let ring = log.count
         guard ring >= sector, offset % sector == 0, offset < ring else { return nil }
+        // Most positions of a log are not entry starts: reject them before copying anything.
+        guard log.hasSignature("loge", at: offset) else { return nil }
         func sectorBytes(_ index: Int) -> [UInt8] {
             let start = (offset + index * sector) % ring
             return Array(log[start..<start + sector])
