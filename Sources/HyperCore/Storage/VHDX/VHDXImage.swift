@@ -187,7 +187,7 @@ public final class VHDXImage: BlockBackend, @unchecked Sendable {
                 case SectorBitmapState.notPresent: continue
                 case SectorBitmapState.present:
                     guard g.hasParent else { bad("sector bitmap block present in a disk without a parent"); continue }
-                    guard e.fileOffset >= VHDXLayout.headerSectionSize, e.fileOffset + MiB <= fileSize else {
+                    guard e.fileOffset >= VHDXLayout.headerSectionSize, fits(e.fileOffset, MiB, within: fileSize) else {
                         bad("sector bitmap block at \(e.fileOffset) is outside the file (\(fileSize) bytes)"); continue
                     }
                     extents.append((e.fileOffset, e.fileOffset + MiB, "sector bitmap (BAT entry \(i))"))
@@ -207,7 +207,7 @@ public final class VHDXImage: BlockBackend, @unchecked Sendable {
                     chunksNeedingBitmap.insert(chunk)
                 }
                 let length = g.blockLength(block)
-                guard e.fileOffset >= VHDXLayout.headerSectionSize, e.fileOffset + length <= fileSize else {
+                guard e.fileOffset >= VHDXLayout.headerSectionSize, fits(e.fileOffset, length, within: fileSize) else {
                     bad("payload block \(block) at file offset \(e.fileOffset) points outside the file (\(fileSize) bytes)"); continue
                 }
                 extents.append((e.fileOffset, e.fileOffset + length, "payload block \(block) (BAT entry \(i))"))
