@@ -11,7 +11,7 @@ struct DiskCommand: ParsableCommand {
         commandName: "disk",
         abstract: "Create, inspect and convert VHDX disks.",
         subcommands: [DiskCreate.self, DiskInfo.self, DiskCheck.self, DiskConvert.self, DiskMerge.self,
-                      DiskResize.self, DiskCompact.self, DiskCrashWriter.self]
+                      DiskResize.self, DiskCompact.self, DiskCrashWriter.self, DiskBenchIO.self]
     )
 }
 
@@ -267,6 +267,7 @@ struct DiskConvert: ParsableCommand {
     @Option(help: "dynamic or fixed, for a VHDX destination.") var type: String = "dynamic"
     @Option(name: .customLong("block-size"), help: "VHDX block size of the destination.") var blockSize: String?
     @Flag(help: "Replace the destination if it exists.") var force = false
+    @Flag(name: .customLong("no-sync"), help: "Skip the final flush of a raw destination (like qemu-img's default cache=unsafe).") var noSync = false
 
     func run() throws {
         let fmt: DiskFormat
@@ -282,8 +283,9 @@ struct DiskConvert: ParsableCommand {
         do {
             let src = try openDisk(path: source, readOnly: true)
             let bar = ProgressBar("converting")
-            try DiskConverter.convert(source: src, to: .init(path: destination, format: fmt, type: t, blockSize: UInt32(bs), overwrite: force),
-                                      progress: bar.update)
+            var target = DiskConverter.Target(path: destination, format: fmt, type: t, blockSize: UInt32(bs), overwrite: force)
+            target.sync = !noSync
+            try DiskConverter.convert(source: src, to: target, progress: bar.update)
         } catch {
             throw fail(error.description)
         }

@@ -8,6 +8,10 @@
 /// Returns 0, or -1 with errno (EOPNOTSUPP when the file system cannot punch holes).
 int cstorage_punch_hole(int fd, int64_t offset, int64_t length);
 
+/// Copies a byte range between files inside the kernel (no user-space copy; a reflink where the file
+/// system can). Returns bytes copied, or -1 with errno.
+int64_t cstorage_copy_range(int from_fd, int64_t from_offset, int to_fd, int64_t to_offset, int64_t length);
+
 /// An anonymous in-memory file (the fuzzer opens its inputs through one).
 int cstorage_memfd(const char *name);
 

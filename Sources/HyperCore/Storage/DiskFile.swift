@@ -195,3 +195,23 @@ extension DiskFile {
         return readOnly ? DiskFile(adopting: dup(fd), path: file.path, readOnly: true) : file
     }
 }
+
+extension DiskFile {
+    /// Copies `length` bytes from `source` at `sourceOffset` to this file at `offset` inside the
+    /// kernel; falls back to read/write where the file systems cannot.
+    public func copy(from source: DiskFile, at sourceOffset: UInt64, to offset: UInt64, length: UInt64) throws(VHDXError) {
+        var done: UInt64 = 0
+        while done < length {
+            let n = cstorage_copy_range(source.fd, Int64(sourceOffset + done), fd, Int64(offset + done), Int64(length - done))
+            if n > 0 { done += UInt64(n); continue }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 && errno != EXDEV && errno != ENOSYS && errno != EOPNOTSUPP && errno != EINVAL {
+                throw .io(path: path, operation: "copy_file_range", offset: offset + done, errno: errno)
+            }
+            // Not supported here, or the source ended: copy the rest by hand.
+            let rest = try source.read(count: Int(length - done), at: sourceOffset + done)
+            try write(rest, at: offset + done)
+            return
+        }
+    }
+}
