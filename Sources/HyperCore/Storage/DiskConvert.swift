@@ -135,12 +135,12 @@ public enum DiskConverter {
                         at += k
                     }
                     return .success(())
-                } catch { return .failure(.io(path: target.path, operation: "convert: \(error)", offset: pos, errno: 0)) }
+                } catch { return .failure(VHDXError(error, path: target.path, offset: pos)) }
             }
             try r.get()
             pos += n
         }
-        do throws(BlockError) { if target.sync || vhdx != nil { try sink.flush() } } catch { throw .io(path: target.path, operation: "flush: \(error)", offset: 0, errno: 0) }
+        do throws(BlockError) { if target.sync || vhdx != nil { try sink.flush() } } catch { throw VHDXError(error, path: target.path, offset: 0) }
         try vhdx?.close()
         progress?(size, size)
     }
