@@ -154,6 +154,7 @@ struct DiskInfoData {
     var chain: [String]
     var logPending: Bool
     var diskID: String?
+    var parentProblem: String?
 
     init(path: String) throws(VHDXError) {
         switch try detectDiskFormat(path: path) {
@@ -165,8 +166,17 @@ struct DiskInfoData {
             allocatedBytes = try f.allocatedBytes(); fileSize = try f.size()
             parent = nil; chain = [path]; logPending = false; diskID = nil
         case .vhdx:
-            // Read-only: a pending log is replayed in memory, never written.
-            let image = try VHDXImage(path: path, options: .init(readOnly: true))
+            // Read-only: a pending log is replayed in memory, never written. A broken chain still
+            // gets its own description, with the parent problem shown.
+            let image: VHDXImage
+            var parentProblem: String?
+            do {
+                image = try VHDXImage(path: path, options: .init(readOnly: true))
+            } catch {
+                guard case let .parent(_, detail) = error else { throw error }
+                image = try VHDXImage(path: path, options: .init(readOnly: true, openParents: false))
+                parentProblem = detail
+            }
             format = "vhdx"
             type = image.isDifferencing ? "differencing" : image.isFixed ? "fixed" : "dynamic"
             virtualSize = image.virtualSize
@@ -175,8 +185,9 @@ struct DiskInfoData {
             physicalSectorSize = image.physicalSectorSize
             allocatedBytes = image.allocatedBytes
             fileSize = try DiskFile(path: path, readOnly: true).size()
-            parent = image.parent?.path
+            parent = image.parent?.path ?? image.parentLocator.flatMap { $0["relative_path"] ?? $0["absolute_win32_path"] }
             chain = image.chainPaths
+            self.parentProblem = parentProblem
             logPending = image.logWasPending
             diskID = image.diskID.description
         }
@@ -198,6 +209,7 @@ struct DiskInfoData {
         ]
         if let diskID { lines.append("disk id:              \(diskID)") }
         if chain.count > 1 { lines.append("parent chain:         " + chain.dropFirst().joined(separator: " -> ")) }
+        if let parentProblem { lines.append("parent:               \(parent ?? "?") — UNUSABLE: \(parentProblem)") }
         if format == "vhdx" { lines.append("log replay pending:   \(logPending ? "yes" : "no")") }
         return lines.joined(separator: "\n")
     }
@@ -224,6 +236,7 @@ struct DiskInfoData {
             ("allocated_bytes", "\(allocatedBytes)"), ("file_size", "\(fileSize)"), ("parent", str(parent)),
             ("parent_chain", "[" + chain.dropFirst().map { str($0) }.joined(separator: ", ") + "]"),
             ("log_pending", logPending ? "true" : "false"), ("disk_id", str(diskID)),
+            ("parent_problem", str(parentProblem)),
         ]
         return "{\n" + fields.map { "  \(str($0.0)): \($0.1)" }.joined(separator: ",\n") + "\n}"
     }

@@ -38,6 +38,35 @@ import Testing
         }
     }
 
+    @Test func growingPastTheBATRegionMovesTheBAT() throws {
+        let dir = VHDXTestSupport.scratchDirectory()
+        defer { VHDXTestSupport.cleanup(dir) }
+        let path = dir + "/big.vhdx"
+        // 1 MiB blocks: a 1 MiB BAT region addresses 128 GiB; growing to 200 GiB must move it.
+        try VHDXImage.create(path: path, options: VHDXCreateOptions(virtualSize: 1 << 30, blockSize: 1 << 20, physicalSectorSize: 512))
+        do {
+            let image = try VHDXImage(path: path)
+            let oldBAT = image.regions.bat!
+            try VHDXTestSupport.write(image, [UInt8](repeating: 0x51, count: 4096), at: 5 << 20)
+            try image.resize(to: 200 << 30)
+            #expect(image.regions.bat!.fileOffset != oldBAT.fileOffset)
+            #expect(image.regions.bat!.length > oldBAT.length)
+            try VHDXTestSupport.write(image, [UInt8](repeating: 0x52, count: 4096), at: 150 << 30)
+            try image.close()
+        }
+        let image = try VHDXImage(path: path, options: .init(readOnly: true))
+        #expect(image.virtualSize == 200 << 30)
+        #expect(try VHDXTestSupport.read(image, at: 5 << 20, count: 4096) == [UInt8](repeating: 0x51, count: 4096))
+        #expect(try VHDXTestSupport.read(image, at: 150 << 30, count: 4096) == [UInt8](repeating: 0x52, count: 4096))
+        let report = VHDXImage.check(path: path)
+        #expect(report.isClean, "\(report.problems)")
+        if VHDXTestSupport.hasQemu {
+            #expect(VHDXTestSupport.qemuImg(["check", "-f", "vhdx", path]).status == 0)
+            let r = VHDXTestSupport.qemuIO(["-r", "-c", "read -P 0x51 \(5 << 20) 4096", "-c", "read -P 0x52 \(150 << 30) 4096", path])
+            #expect(r.status == 0 && !r.output.contains("verification failed"), "\(r.output)")
+        }
+    }
+
     @Test func compactDropsZeroBlocksAndShortensTheFile() throws {
         let dir = VHDXTestSupport.scratchDirectory()
         defer { VHDXTestSupport.cleanup(dir) }

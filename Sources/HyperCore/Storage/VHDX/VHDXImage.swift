@@ -40,7 +40,8 @@ public final class VHDXImage: BlockBackend, @unchecked Sendable {
     /// True when a pending log was found on open (applied to the file, or kept in memory when
     /// read-only).
     public let logWasPending: Bool
-    let regions: VHDXRegionTable
+    /// Changes only when resize moves the BAT (under the lock, through the log).
+    var regions: VHDXRegionTable
     let regionCopies: [Result<VHDXRegionTable, HeaderProblem>]
     var metadata: VHDXMetadata
     var geometry: BATGeometry

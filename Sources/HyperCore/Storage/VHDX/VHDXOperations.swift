@@ -14,8 +14,17 @@ extension VHDXImage {
             let old = geometry
             if newSize == old.virtualSize { return }
             let new = BATGeometry(blockSize: old.blockSize, logicalSectorSize: old.logicalSectorSize, virtualSize: newSize, hasParent: old.hasParent)
-            guard new.entryCount * 8 <= UInt64(regions.bat!.length) else {
-                throw .unsupported(path: path, detail: "growing to \(newSize) bytes needs a BAT of \(new.entryCount * 8) bytes but its region holds \(regions.bat!.length); create a new disk and convert into it")
+            // A BAT region too small for the new size moves to the end of the file: the copy is
+            // written to fresh space and made durable, then the region tables switch to it in the
+            // same log entry as the new size.
+            var newRegions: VHDXRegionTable?
+            if new.entryCount * 8 > UInt64(regions.bat!.length) {
+                guard new.regionLength <= UInt64(UInt32.max) & ~(MiB - 1) else {
+                    throw .invalidArgument("\(path): a \(newSize)-byte disk with \(old.blockSize)-byte blocks needs a BAT over 4 GiB; use larger blocks")
+                }
+                newRegions = regions
+                let index = regions.entries.firstIndex { $0.guid == VHDXRegionTable.batGUID }!
+                newRegions!.entries[index].length = UInt32(new.regionLength)
             }
             if newSize < old.virtualSize {
                 let firstGone = (newSize + old.blockSize - 1) / old.blockSize
@@ -46,8 +55,25 @@ extension VHDXImage {
                     setBATEntry(new.payloadIndex(b), BATEntry(state: PayloadBlockState.fullyPresent.rawValue, fileOffset: off))
                 }
             }
+            var pages: [(fileOffset: UInt64, page: [UInt8])] = []
+            if var moved = newRegions {
+                let index = moved.entries.firstIndex { $0.guid == VHDXRegionTable.batGUID }!
+                let offset = try allocate(UInt64(moved.entries[index].length))
+                moved.entries[index].fileOffset = offset
+                var bytes = [UInt8](repeating: 0, count: bat.count * 8)
+                for i in bat.indices { bytes.storeLE(bat[i], at: 8 * i) }
+                try file.write(bytes, at: offset)
+                let table = moved.encode()
+                for copy in VHDXLayout.regionTableOffsets {
+                    for p in 0..<VHDXLayout.regionTableSize / 4096 {
+                        pages.append((copy + UInt64(p * 4096), Array(table[p * 4096..<(p + 1) * 4096])))
+                    }
+                }
+                regions = moved
+                dirtyBATPages.removeAll()
+            }
             try file.sync()
-            var pages = dirtyPages()
+            pages += dirtyPages()
             let itemPage = metadata.virtualSizeItemOffset & ~4095
             var page = try readFile(count: 4096, at: itemPage)
             page.storeLE(newSize, at: Int(metadata.virtualSizeItemOffset - itemPage))
