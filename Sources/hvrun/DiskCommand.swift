@@ -307,17 +307,19 @@ struct DiskConvert: ParsableCommand {
 
 struct DiskMerge: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "merge", abstract: "Merge a differencing disk into its parent (Merge-VHD), then delete the child.")
+        commandName: "merge", abstract: "Merge a differencing disk into its parent (Merge-VHD), then delete the child.",
+        discussion: "An interrupted merge leaves a chain that still reads correctly; run the merge again.")
 
     @Argument var child: String
-    @Flag(name: .customLong("keep-child"), help: "Keep the child file (it no longer matches its parent).") var keepChild = false
+    @Flag(name: .customLong("keep-child"), help: "Keep the child file (it stays valid: its parent_linkage2 names the merged parent).") var keepChild = false
 
     func run() throws {
         do {
-            let image = try VHDXImage(path: child, options: .init(readOnly: true))
+            let image = try VHDXImage(path: child)
             guard let parent = image.parent else { throw fail("\(child) is not a differencing disk") }
             let bar = ProgressBar("merging")
             try image.mergeIntoParent(progress: bar.update)
+            try image.close()
             if !keepChild { unlink(child) }
             print("merged \(child) into \(parent.path)")
         } catch let e as VHDXError {

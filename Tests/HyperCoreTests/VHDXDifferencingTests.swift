@@ -65,10 +65,35 @@ import Testing
         try DiskConverter.convert(source: try openDisk(path: chain.top, readOnly: true), to: .init(path: flat, format: .raw))
         #expect(VHDXTestSupport.fileBytes(flat) == chain.expected)
 
-        // Merge top into mid, then mid into base: base alone then reads like the whole chain.
-        try VHDXImage(path: chain.top, options: .init(readOnly: true)).mergeIntoParent()
-        #expect(throws: VHDXError.self) { try VHDXImage(path: chain.top, options: .init(readOnly: true)) }
-        try VHDXImage(path: chain.mid, options: .init(readOnly: true)).mergeIntoParent()
+        // Merge top into mid, interrupted halfway: the chain still opens and reads the same bytes.
+        do {
+            let top = try VHDXImage(path: chain.top)
+            try top.mergeIntoParent(progress: nil, stopAfterBlocks: 11)
+            try top.close()
+        }
+        let halfway = try VHDXImage(path: chain.top, options: .init(readOnly: true))
+        #expect(VHDXTestSupport.firstDifference(try VHDXTestSupport.readAll(halfway), chain.expected) == nil)
+        let announced = try #require(halfway.parentLocator?["parent_linkage2"].flatMap(GUID.init))
+        #expect(announced == halfway.parent?.dataWriteGuid, "the parent carries the announced GUID")
+        // Merge again to the end, then mid into base: base alone reads like the whole chain. The
+        // merged children remain valid (parent_linkage2) and read the same.
+        do {
+            let top = try VHDXImage(path: chain.top)
+            try top.mergeIntoParent()
+            try top.close()
+        }
+        let mergedTop = try VHDXImage(path: chain.top, options: .init(readOnly: true))
+        #expect(mergedTop.parent?.dataWriteGuid == announced, "a resumed merge keeps the announced GUID")
+        #expect(VHDXTestSupport.firstDifference(try VHDXTestSupport.readAll(mergedTop), chain.expected) == nil)
+        let midAlone = try VHDXImage(path: chain.mid, options: .init(readOnly: true))
+        #expect(VHDXTestSupport.firstDifference(try VHDXTestSupport.readAll(midAlone), chain.expected) == nil)
+        do {
+            let mid = try VHDXImage(path: chain.mid)
+            try mid.mergeIntoParent()
+            try mid.close()
+        }
+        // top's linkage names mid's merge-time GUID only; base changed under mid, not under top.
+        #expect(VHDXImage.check(path: chain.mid).isClean)
         let base = try VHDXImage(path: chain.base, options: .init(readOnly: true))
         #expect(VHDXTestSupport.firstDifference(try VHDXTestSupport.readAll(base), chain.expected) == nil)
         #expect(VHDXImage.check(path: chain.base).isClean)

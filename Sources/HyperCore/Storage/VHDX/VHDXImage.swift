@@ -60,6 +60,9 @@ public final class VHDXImage: BlockBackend, @unchecked Sendable {
     var fileSize: UInt64
     var session: LogSession?
     var dataWriteGuidChanged = false
+    /// The DataWriteGuid the next guest-visible change will set (merge announces it to the child
+    /// first); a random one when nil.
+    var plannedDataWriteGuid: GUID?
     var closed = false
 
     public var isDifferencing: Bool { metadata.hasParent }

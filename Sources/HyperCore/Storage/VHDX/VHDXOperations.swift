@@ -203,17 +203,40 @@ extension VHDXImage {
 
     // MARK: Merge
 
-    /// Writes this differencing disk's own data into its parent (Merge-VHD). The parent is opened
-    /// read-write for the merge only; afterwards this child no longer matches its parent (the
-    /// parent's DataWriteGuid changed) and should be deleted.
+    /// Writes this differencing disk's own data into its parent (Merge-VHD).
+    ///
+    /// Crash-safe in the way [MS-VHDX] note 12 describes: the DataWriteGuid the parent is about to
+    /// get is first written into this child's `parent_linkage2` (through the log), and only then is
+    /// the parent changed. The chain reads the same bytes at every moment of the merge (the child's
+    /// sectors win over the parent's, and the parent only receives those same sectors), so an
+    /// interrupted merge leaves a chain that still opens and can simply be merged again. Afterwards
+    /// the child is redundant and can be deleted. `stopAfterBlocks` simulates an interruption (tests).
     public func mergeIntoParent(progress: ((UInt64, UInt64) -> Void)? = nil) throws(VHDXError) {
+        try mergeIntoParent(progress: progress, stopAfterBlocks: nil)
+    }
+
+    func mergeIntoParent(progress: ((UInt64, UInt64) -> Void)?, stopAfterBlocks: UInt64?) throws(VHDXError) {
         guard metadata.hasParent, let parent else { throw .invalidArgument("\(path) is not a differencing disk") }
+        guard !isReadOnly else { throw .readOnly(path: path) }
+        // Resuming an interrupted merge: the parent already carries the GUID announced in
+        // parent_linkage2, so keep it (a fresh one would orphan the child if this run stops too).
+        let current = parent.dataWriteGuid
+        let announced = parentLocator?["parent_linkage2"].flatMap(GUID.init)
+        let newGuid = announced == current ? current : GUID.random()
+        if announced != newGuid { try setParentLinkage2(newGuid) }
         let target = try VHDXImage(path: parent.path, options: OpenOptions(readOnly: false))
+        target.plannedDataWriteGuid = newGuid
+        try target.lock.withLock { () throws(VHDXError) in try target.beginModification(userVisible: true) }
         if target.virtualSize < virtualSize { try target.resize(to: virtualSize) }
         let g = geometry
         var buffer = [UInt8](repeating: 0, count: Int(g.blockSize))
         for b in 0..<g.payloadBlocks {
             progress?(b, g.payloadBlocks)
+            if let stopAfterBlocks, b >= stopAfterBlocks {
+                try target.lock.withLock { () throws(VHDXError) in try target.flushLocked() }
+                target.abandon()
+                return
+            }
             let start = b * g.blockSize
             let length = g.blockLength(b)
             let (state, runs) = try lock.withLock { () throws(VHDXError) -> (UInt8, [(Source, Int)]) in
@@ -250,5 +273,65 @@ extension VHDXImage {
         }
         progress?(g.payloadBlocks, g.payloadBlocks)
         try target.close()
+    }
+}
+
+extension VHDXImage {
+    /// Sets `parent_linkage2` in this child's parent locator, through the log. The item is rewritten
+    /// in place when it still fits, otherwise after the last item of the metadata region.
+    func setParentLinkage2(_ guid: GUID) throws(VHDXError) {
+        try lock.withLock { () throws(VHDXError) in
+            guard var locator = metadata.parentLocator,
+                  let index = metadata.entries.firstIndex(where: { $0.itemID == VHDXMetadata.parentLocatorID && !$0.isUser }) else {
+                throw .invalidArgument("\(path) has no parent locator")
+            }
+            if let k = locator.entries.firstIndex(where: { $0.key == "parent_linkage2" }) {
+                locator.entries[k].value = guid.braced
+            } else {
+                locator.entries.append(("parent_linkage2", guid.braced))
+            }
+            let item = locator.encode()
+            var entry = metadata.entries[index]
+            let region = regions.metadata!
+            if item.count > Int(entry.length) {
+                let end = metadata.entries.map { UInt64($0.offset) + UInt64($0.length) }.max() ?? UInt64(VHDXMetadata.tableSize)
+                let offset = roundUp(max(end, UInt64(VHDXMetadata.tableSize)), 8)
+                guard offset + UInt64(item.count) <= UInt64(region.length) else {
+                    throw .unsupported(path: path, detail: "no room in the metadata region for a larger parent locator")
+                }
+                entry.offset = UInt32(offset)
+            }
+            entry.length = UInt32(item.count)
+            try beginModification(userVisible: false)
+            // Patch the table entry and the item, and log every page they touch.
+            let base = region.fileOffset
+            let touched: [Range<UInt64>] = [
+                (base + UInt64(32 + 32 * index))..<(base + UInt64(64 + 32 * index)),
+                (base + UInt64(entry.offset))..<(base + UInt64(entry.offset) + UInt64(item.count)),
+            ]
+            var pages: [UInt64: [UInt8]] = [:]
+            for r in touched {
+                var p = r.lowerBound & ~4095
+                while p < r.upperBound {
+                    if pages[p] == nil { pages[p] = try readFile(count: 4096, at: p) }
+                    p += 4096
+                }
+            }
+            func put(_ bytes: [UInt8], at offset: UInt64) {
+                for (k, byte) in bytes.enumerated() {
+                    let o = offset + UInt64(k)
+                    pages[o & ~4095]![Int(o & 4095)] = byte
+                }
+            }
+            var field = [UInt8](repeating: 0, count: 8)
+            field.storeLE(entry.offset, at: 0)
+            field.storeLE(entry.length, at: 4)
+            put(field, at: base + UInt64(32 + 32 * index + 16))
+            put(item, at: base + UInt64(entry.offset))
+            try file.sync()
+            try commit(pages: pages.keys.sorted().map { ($0, pages[$0]!) })
+            metadata.entries[index] = entry
+            metadata.parentLocator = locator
+        }
     }
 }
