@@ -11,6 +11,8 @@ public final class DiskFile: Sendable {
     public let path: String
     public let fd: Int32
     public let isReadOnly: Bool
+    /// Sees every write, truncate and sync (the power-loss tests rebuild crash states from it).
+    let recorder: IORecorder?
 
     /// Opens an existing file.
     public init(path: String, readOnly: Bool) throws(VHDXError) {
@@ -19,6 +21,17 @@ public final class DiskFile: Sendable {
         self.path = path
         self.fd = fd
         self.isReadOnly = readOnly
+        self.recorder = nil
+    }
+
+    /// Opens an existing file read-write and reports every change to `recorder`.
+    init(path: String, recorder: IORecorder) throws(VHDXError) {
+        let fd = Glibc.open(path, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { throw .io(path: path, operation: "open", offset: 0, errno: errno) }
+        self.path = path
+        self.fd = fd
+        self.isReadOnly = false
+        self.recorder = recorder
     }
 
     /// Creates a file; fails if it exists unless `overwrite`.
@@ -29,6 +42,7 @@ public final class DiskFile: Sendable {
         self.path = path
         self.fd = fd
         self.isReadOnly = false
+        self.recorder = nil
     }
 
     /// Wraps a descriptor the caller owns (the fuzzer's memfd); it is closed with this object.
@@ -36,6 +50,7 @@ public final class DiskFile: Sendable {
         self.fd = fd
         self.path = path
         self.isReadOnly = readOnly
+        self.recorder = nil
     }
 
     deinit { Glibc.close(fd) }
@@ -86,6 +101,7 @@ public final class DiskFile: Sendable {
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(VHDXError) {
         guard !isReadOnly else { throw .readOnly(path: path) }
+        recorder?.record(.write(offset: offset, bytes: Array(buffer)))
         var done = 0
         while done < buffer.count {
             let n = pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
@@ -121,6 +137,7 @@ public final class DiskFile: Sendable {
 
     public func truncate(to size: UInt64) throws(VHDXError) {
         guard !isReadOnly else { throw .readOnly(path: path) }
+        recorder?.record(.truncate(size: size))
         while ftruncate(fd, off_t(size)) != 0 {
             if errno == EINTR { continue }
             throw .io(path: path, operation: "ftruncate", offset: size, errno: errno)
@@ -143,6 +160,7 @@ public final class DiskFile: Sendable {
     /// Makes completed writes and the file size durable.
     public func sync() throws(VHDXError) {
         guard !isReadOnly else { return }
+        recorder?.record(.sync)
         while fdatasync(fd) != 0 {
             if errno == EINTR { continue }
             throw .io(path: path, operation: "fdatasync", offset: 0, errno: errno)
@@ -177,6 +195,10 @@ extension DiskFile {
     /// file system cannot punch holes.
     public func punchHole(at offset: UInt64, length: UInt64) throws(VHDXError) {
         guard !isReadOnly else { throw .readOnly(path: path) }
+        if let recorder {
+            // Recorded as a plain zero write, so crash states can drop it like any other write.
+            recorder.record(.write(offset: offset, bytes: [UInt8](repeating: 0, count: Int(length))))
+        }
         if cstorage_punch_hole(fd, Int64(offset), Int64(length)) == 0 { return }
         let e = errno
         guard e == EOPNOTSUPP || e == ENOSYS else { throw .io(path: path, operation: "fallocate(PUNCH_HOLE)", offset: offset, errno: e) }
@@ -214,4 +236,22 @@ extension DiskFile {
             return
         }
     }
+}
+
+/// The changes made through a file, in order, for tests that rebuild what a power loss at any
+/// point could have left on disk (only what an `fdatasync` covered is certain to be there).
+final class IORecorder: @unchecked Sendable {
+    enum Event {
+        case write(offset: UInt64, bytes: [UInt8])
+        case truncate(size: UInt64)
+        case sync
+        /// Test marker: the caller's flush returned after this many operations.
+        case acknowledged(Int)
+    }
+
+    private let lock = Lock()
+    private var log: [Event] = []
+
+    func record(_ event: Event) { lock.withLock { log.append(event) } }
+    var events: [Event] { lock.withLock { log } }
 }
