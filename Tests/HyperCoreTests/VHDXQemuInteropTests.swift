@@ -14,7 +14,7 @@ import Testing
     }
 
     static let images: [QemuImage] = [
-        QemuImage(size: "300M", options: "block_size=1M", writes: [(0xa5, 0, 4096), (0x5a, 1048064, 1024), (0x33, 314572288, 512)]),
+        QemuImage(size: "96M", options: "block_size=1M", writes: [(0xa5, 0, 4096), (0x5a, 1048064, 1024), (0x33, 100662272, 512)]),
         QemuImage(size: "100000K", options: "block_size=8M,block_state_zero=off", writes: [(0x11, 8 << 20, 64 << 10), (0x22, 102399488, 512)]),
         QemuImage(size: "6G", options: "block_size=2M", writes: [(0xa5, 0, 4096), (0x5a, (4 << 30) - (1 << 20), 2 << 20), (0x77, (6 << 30) - 512, 512)]),
         QemuImage(size: "200M", options: "subformat=fixed,block_state_zero=off,block_size=32M", writes: [(0x44, 33 << 20, 1 << 20), (0x45, (200 << 20) - 4096, 4096)]),
@@ -111,6 +111,31 @@ import Testing
         let conv = VHDXTestSupport.qemuImg(["convert", "-f", "vhdx", "-O", "raw", small, raw])
         try #require(conv.status == 0, "\(conv.output)")
         #expect(VHDXTestSupport.firstDifference(VHDXTestSupport.fileBytes(raw), expected) == nil)
+    }
+
+    @Test func weWriteIntoQemuMadeImagesAndQemuReadsIt() throws {
+        guard VHDXTestSupport.hasQemu else { print("skipped: qemu-img/qemu-io not installed"); return }
+        let dir = VHDXTestSupport.scratchDirectory()
+        defer { VHDXTestSupport.cleanup(dir) }
+        // Default qemu images have ZERO-state BATs; fixed ones with block_state_zero=off are really fixed.
+        for options in ["block_size=1M", "subformat=fixed,block_state_zero=off,block_size=8M", "block_size=1M,block_state_zero=off"] {
+            let path = dir + "/q.vhdx"
+            try? FileManager.default.removeItem(atPath: path)
+            #expect(VHDXTestSupport.qemuImg(["create", "-f", "vhdx", "-o", options, path, "48M"]).status == 0)
+            #expect(VHDXTestSupport.qemuIO(["-c", "write -P 0x11 0 1M", path]).status == 0)
+            do {
+                let image = try VHDXImage(path: path)
+                try VHDXTestSupport.write(image, [UInt8](repeating: 0x22, count: 4096), at: 512 << 10)
+                try VHDXTestSupport.write(image, [UInt8](repeating: 0x33, count: 8192), at: (40 << 20) + 512)
+                try image.close()
+            }
+            let check = VHDXTestSupport.qemuImg(["check", "-f", "vhdx", path])
+            #expect(check.status == 0, "\(options): \(check.output)")
+            let r = VHDXTestSupport.qemuIO(["-r", "-c", "read -P 0x11 0 512k", "-c", "read -P 0x22 \(512 << 10) 4096",
+                                            "-c", "read -P 0x11 \((512 << 10) + 4096) \((512 << 10) - 4096)",
+                                            "-c", "read -P 0x33 \((40 << 20) + 512) 8192", "-c", "read -P 0 \(40 << 20) 512", path])
+            #expect(r.status == 0 && !r.output.contains("verification failed"), "\(options): \(r.output)")
+        }
     }
 
     @Test func fixedImagesWeCreatePassQemu() throws {
