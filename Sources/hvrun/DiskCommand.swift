@@ -258,6 +258,10 @@ struct DiskCheck: ParsableCommand {
                 print("repair failed: \(error.description)")
             }
         }
+        if (try? detectDiskFormat(path: path)) == .raw {
+            print("\(path): raw image; it has no structure to check")
+            return
+        }
         let report = VHDXImage.check(path: path)
         for n in report.notes { print("note: \(n)") }
         for p in report.problems { print("problem: \(p)") }
