@@ -38,6 +38,35 @@ import Testing
         }
     }
 
+    @Test(arguments: [(UInt32(1 << 20), UInt32(512)), (256 << 20, 512), (256 << 20, 4096), (1 << 20, 4096)])
+    func extremeBlockAndSectorSizes(blockSize: UInt32, sector: UInt32) throws {
+        let dir = VHDXTestSupport.scratchDirectory()
+        defer { VHDXTestSupport.cleanup(dir) }
+        let path = dir + "/x.vhdx"
+        let size: UInt64 = (600 << 20) + UInt64(sector) * 3
+        try VHDXImage.create(path: path, options: VHDXCreateOptions(virtualSize: size, blockSize: blockSize, logicalSectorSize: sector, physicalSectorSize: 4096))
+        let writes: [(UInt64, UInt8)] = [(0, 1), (UInt64(blockSize) - UInt64(sector), 2), (300 << 20, 3), (size - UInt64(sector), 4)]
+        do {
+            let image = try VHDXImage(path: path)
+            for (o, v) in writes { try VHDXTestSupport.write(image, [UInt8](repeating: v, count: Int(sector)), at: o) }
+            try image.close()
+        }
+        let image = try VHDXImage(path: path, options: .init(readOnly: true))
+        #expect(image.blockSize == blockSize && image.logicalSectorSize == sector)
+        for (o, v) in writes {
+            #expect(try VHDXTestSupport.read(image, at: o, count: Int(sector)) == [UInt8](repeating: v, count: Int(sector)), "offset \(o)")
+        }
+        #expect(try VHDXTestSupport.read(image, at: 200 << 20, count: Int(sector)) == [UInt8](repeating: 0, count: Int(sector)))
+        #expect(VHDXImage.check(path: path).isClean)
+        if sector == 512 && VHDXTestSupport.hasQemu {
+            #expect(VHDXTestSupport.qemuImg(["check", "-f", "vhdx", path]).status == 0)
+            var args = ["-r"]
+            for (o, v) in writes { args += ["-c", "read -P \(v) \(o) \(sector)"] }
+            let r = VHDXTestSupport.qemuIO(args + [path])
+            #expect(r.status == 0 && !r.output.contains("verification failed"), "\(r.output)")
+        }
+    }
+
     @Test func growingPastTheBATRegionMovesTheBAT() throws {
         let dir = VHDXTestSupport.scratchDirectory()
         defer { VHDXTestSupport.cleanup(dir) }
