@@ -13,6 +13,7 @@ let package = Package(
         .library(name: "HyperCore", targets: ["HyperCore"]),
         .executable(name: "hvrun", targets: ["hvrun"]),
         .executable(name: "virtqueue-fuzz", targets: ["virtqueue-fuzz"]),
+        .executable(name: "vhdx-fuzz", targets: ["vhdx-fuzz"]),
     ],
     dependencies: [
         .package(url: "https://github.com/apple/swift-argument-parser", from: "1.5.0"),
@@ -30,7 +31,6 @@ let package = Package(
             name: "HyperCore",
             dependencies: [
                 "CKVM",
-                "CStorage",
                 .product(name: "Logging", package: "swift-log"),
             ],
             swiftSettings: strictSwift
@@ -60,10 +60,13 @@ let package = Package(
             path: "Tests/Fuzz/VirtqueueFuzz",
             swiftSettings: strictSwift
         ),
-        // Linux file calls for the storage layer (hole punching, memfd) that need _GNU_SOURCE.
-        .target(
-            name: "CStorage",
-            cSettings: [.define("_GNU_SOURCE")]
+        // libFuzzer target over the VHDX open path. A plain build makes a replay tool; the fuzzer
+        // build adds -sanitize=fuzzer,address -parse-as-library -DVHDX_FUZZ (see Docs/VHDX.md).
+        .executableTarget(
+            name: "vhdx-fuzz",
+            dependencies: ["HyperCore", "CKVM"],
+            path: "Tests/Fuzz/VHDXFuzz",
+            swiftSettings: strictSwift
         ),
     ],
     swiftLanguageModes: [.v6]

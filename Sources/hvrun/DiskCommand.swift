@@ -11,7 +11,7 @@ struct DiskCommand: ParsableCommand {
         commandName: "disk",
         abstract: "Create, inspect and convert VHDX disks.",
         subcommands: [DiskCreate.self, DiskInfo.self, DiskCheck.self, DiskConvert.self, DiskMerge.self,
-                      DiskResize.self, DiskCompact.self, DiskCrashWriter.self]
+                      DiskResize.self, DiskCompact.self, DiskCrashWriter.self, DiskBenchIO.self]
     )
 }
 
@@ -154,6 +154,7 @@ struct DiskInfoData {
     var chain: [String]
     var logPending: Bool
     var diskID: String?
+    var parentProblem: String?
 
     init(path: String) throws(VHDXError) {
         switch try detectDiskFormat(path: path) {
@@ -165,8 +166,17 @@ struct DiskInfoData {
             allocatedBytes = try f.allocatedBytes(); fileSize = try f.size()
             parent = nil; chain = [path]; logPending = false; diskID = nil
         case .vhdx:
-            // Read-only: a pending log is replayed in memory, never written.
-            let image = try VHDXImage(path: path, options: .init(readOnly: true))
+            // Read-only: a pending log is replayed in memory, never written. A broken chain still
+            // gets its own description, with the parent problem shown.
+            let image: VHDXImage
+            var parentProblem: String?
+            do {
+                image = try VHDXImage(path: path, options: .init(readOnly: true))
+            } catch {
+                guard case let .parent(_, detail) = error else { throw error }
+                image = try VHDXImage(path: path, options: .init(readOnly: true, openParents: false))
+                parentProblem = detail
+            }
             format = "vhdx"
             type = image.isDifferencing ? "differencing" : image.isFixed ? "fixed" : "dynamic"
             virtualSize = image.virtualSize
@@ -175,8 +185,9 @@ struct DiskInfoData {
             physicalSectorSize = image.physicalSectorSize
             allocatedBytes = image.allocatedBytes
             fileSize = try DiskFile(path: path, readOnly: true).size()
-            parent = image.parent?.path
+            parent = image.parent?.path ?? image.parentLocator.flatMap { $0["relative_path"] ?? $0["absolute_win32_path"] }
             chain = image.chainPaths
+            self.parentProblem = parentProblem
             logPending = image.logWasPending
             diskID = image.diskID.description
         }
@@ -198,6 +209,7 @@ struct DiskInfoData {
         ]
         if let diskID { lines.append("disk id:              \(diskID)") }
         if chain.count > 1 { lines.append("parent chain:         " + chain.dropFirst().joined(separator: " -> ")) }
+        if let parentProblem { lines.append("parent:               \(parent ?? "?") — UNUSABLE: \(parentProblem)") }
         if format == "vhdx" { lines.append("log replay pending:   \(logPending ? "yes" : "no")") }
         return lines.joined(separator: "\n")
     }
@@ -224,6 +236,7 @@ struct DiskInfoData {
             ("allocated_bytes", "\(allocatedBytes)"), ("file_size", "\(fileSize)"), ("parent", str(parent)),
             ("parent_chain", "[" + chain.dropFirst().map { str($0) }.joined(separator: ", ") + "]"),
             ("log_pending", logPending ? "true" : "false"), ("disk_id", str(diskID)),
+            ("parent_problem", str(parentProblem)),
         ]
         return "{\n" + fields.map { "  \(str($0.0)): \($0.1)" }.joined(separator: ",\n") + "\n}"
     }
@@ -244,6 +257,10 @@ struct DiskCheck: ParsableCommand {
             } catch {
                 print("repair failed: \(error.description)")
             }
+        }
+        if (try? detectDiskFormat(path: path)) == .raw {
+            print("\(path): raw image; it has no structure to check")
+            return
         }
         let report = VHDXImage.check(path: path)
         for n in report.notes { print("note: \(n)") }
@@ -267,6 +284,7 @@ struct DiskConvert: ParsableCommand {
     @Option(help: "dynamic or fixed, for a VHDX destination.") var type: String = "dynamic"
     @Option(name: .customLong("block-size"), help: "VHDX block size of the destination.") var blockSize: String?
     @Flag(help: "Replace the destination if it exists.") var force = false
+    @Flag(name: .customLong("no-sync"), help: "Skip the final flush of a raw destination (like qemu-img's default cache=unsafe).") var noSync = false
 
     func run() throws {
         let fmt: DiskFormat
@@ -282,8 +300,9 @@ struct DiskConvert: ParsableCommand {
         do {
             let src = try openDisk(path: source, readOnly: true)
             let bar = ProgressBar("converting")
-            try DiskConverter.convert(source: src, to: .init(path: destination, format: fmt, type: t, blockSize: UInt32(bs), overwrite: force),
-                                      progress: bar.update)
+            var target = DiskConverter.Target(path: destination, format: fmt, type: t, blockSize: UInt32(bs), overwrite: force)
+            target.sync = !noSync
+            try DiskConverter.convert(source: src, to: target, progress: bar.update)
         } catch {
             throw fail(error.description)
         }
@@ -292,17 +311,19 @@ struct DiskConvert: ParsableCommand {
 
 struct DiskMerge: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "merge", abstract: "Merge a differencing disk into its parent (Merge-VHD), then delete the child.")
+        commandName: "merge", abstract: "Merge a differencing disk into its parent (Merge-VHD), then delete the child.",
+        discussion: "An interrupted merge leaves a chain that still reads correctly; run the merge again.")
 
     @Argument var child: String
-    @Flag(name: .customLong("keep-child"), help: "Keep the child file (it no longer matches its parent).") var keepChild = false
+    @Flag(name: .customLong("keep-child"), help: "Keep the child file (it stays valid: its parent_linkage2 names the merged parent).") var keepChild = false
 
     func run() throws {
         do {
-            let image = try VHDXImage(path: child, options: .init(readOnly: true))
+            let image = try VHDXImage(path: child)
             guard let parent = image.parent else { throw fail("\(child) is not a differencing disk") }
             let bar = ProgressBar("merging")
             try image.mergeIntoParent(progress: bar.update)
+            try image.close()
             if !keepChild { unlink(child) }
             print("merged \(child) into \(parent.path)")
         } catch let e as VHDXError {

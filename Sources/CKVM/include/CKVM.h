@@ -193,4 +193,6 @@ static inline void ckvm_fence_release(void) { __atomic_thread_fence(__ATOMIC_REL
 }
 #endif
 
+#include "ckvm_storage.h"
+
 #endif

@@ -3,7 +3,7 @@ internal import Glibc
 #elseif canImport(Musl)
 internal import Musl
 #endif
-internal import CStorage
+internal import CKVM
 
 /// An open file used with positioned I/O only (`pread`/`pwrite`), so any number of threads may use
 /// it at once without sharing a file offset. Short transfers and `EINTR` are retried here.
@@ -11,6 +11,8 @@ public final class DiskFile: Sendable {
     public let path: String
     public let fd: Int32
     public let isReadOnly: Bool
+    /// Sees every write, truncate and sync (the power-loss tests rebuild crash states from it).
+    let recorder: IORecorder?
 
     /// Opens an existing file.
     public init(path: String, readOnly: Bool) throws(VHDXError) {
@@ -19,6 +21,17 @@ public final class DiskFile: Sendable {
         self.path = path
         self.fd = fd
         self.isReadOnly = readOnly
+        self.recorder = nil
+    }
+
+    /// Opens an existing file read-write and reports every change to `recorder`.
+    init(path: String, recorder: IORecorder) throws(VHDXError) {
+        let fd = Glibc.open(path, O_RDWR | O_CLOEXEC)
+        guard fd >= 0 else { throw .io(path: path, operation: "open", offset: 0, errno: errno) }
+        self.path = path
+        self.fd = fd
+        self.isReadOnly = false
+        self.recorder = recorder
     }
 
     /// Creates a file; fails if it exists unless `overwrite`.
@@ -29,6 +42,7 @@ public final class DiskFile: Sendable {
         self.path = path
         self.fd = fd
         self.isReadOnly = false
+        self.recorder = nil
     }
 
     /// Wraps a descriptor the caller owns (the fuzzer's memfd); it is closed with this object.
@@ -36,6 +50,7 @@ public final class DiskFile: Sendable {
         self.fd = fd
         self.path = path
         self.isReadOnly = readOnly
+        self.recorder = nil
     }
 
     deinit { Glibc.close(fd) }
@@ -86,6 +101,7 @@ public final class DiskFile: Sendable {
 
     public func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(VHDXError) {
         guard !isReadOnly else { throw .readOnly(path: path) }
+        recorder?.record(.write(offset: offset, bytes: Array(buffer)))
         var done = 0
         while done < buffer.count {
             let n = pwrite(fd, buffer.baseAddress! + done, buffer.count - done, off_t(offset) + off_t(done))
@@ -121,6 +137,7 @@ public final class DiskFile: Sendable {
 
     public func truncate(to size: UInt64) throws(VHDXError) {
         guard !isReadOnly else { throw .readOnly(path: path) }
+        recorder?.record(.truncate(size: size))
         while ftruncate(fd, off_t(size)) != 0 {
             if errno == EINTR { continue }
             throw .io(path: path, operation: "ftruncate", offset: size, errno: errno)
@@ -143,32 +160,11 @@ public final class DiskFile: Sendable {
     /// Makes completed writes and the file size durable.
     public func sync() throws(VHDXError) {
         guard !isReadOnly else { return }
+        recorder?.record(.sync)
         while fdatasync(fd) != 0 {
             if errno == EINTR { continue }
             throw .io(path: path, operation: "fdatasync", offset: 0, errno: errno)
         }
-    }
-}
-
-/// A mutex for state that is read and written by several I/O threads.
-final class Lock: @unchecked Sendable {
-    private let mutex: UnsafeMutablePointer<pthread_mutex_t>
-
-    init() {
-        mutex = .allocate(capacity: 1)
-        pthread_mutex_init(mutex, nil)
-    }
-
-    deinit {
-        pthread_mutex_destroy(mutex)
-        mutex.deallocate()
-    }
-
-    @inline(__always)
-    func withLock<T, E: Error>(_ body: () throws(E) -> T) throws(E) -> T {
-        pthread_mutex_lock(mutex)
-        defer { pthread_mutex_unlock(mutex) }
-        return try body()
     }
 }
 
@@ -177,9 +173,63 @@ extension DiskFile {
     /// file system cannot punch holes.
     public func punchHole(at offset: UInt64, length: UInt64) throws(VHDXError) {
         guard !isReadOnly else { throw .readOnly(path: path) }
+        if let recorder {
+            // Recorded as a plain zero write, so crash states can drop it like any other write.
+            recorder.record(.write(offset: offset, bytes: [UInt8](repeating: 0, count: Int(length))))
+        }
         if cstorage_punch_hole(fd, Int64(offset), Int64(length)) == 0 { return }
         let e = errno
         guard e == EOPNOTSUPP || e == ENOSYS else { throw .io(path: path, operation: "fallocate(PUNCH_HOLE)", offset: offset, errno: e) }
         try writeZeros(at: offset, length: length)
     }
+}
+
+extension DiskFile {
+    /// An anonymous in-memory file holding `bytes` (the fuzzer's inputs). Its path is the
+    /// `/proc/self/fd` link, so path-based tools such as `check` can open it too.
+    public static func inMemory(_ bytes: [UInt8], readOnly: Bool = false) throws(VHDXError) -> DiskFile {
+        let fd = cstorage_memfd("vhdx-input")
+        guard fd >= 0 else { throw .io(path: "memfd", operation: "memfd_create", offset: 0, errno: errno) }
+        let file = DiskFile(adopting: fd, path: "/proc/self/fd/\(fd)", readOnly: false)
+        try file.write(bytes, at: 0)
+        return readOnly ? DiskFile(adopting: dup(fd), path: file.path, readOnly: true) : file
+    }
+}
+
+extension DiskFile {
+    /// Copies `length` bytes from `source` at `sourceOffset` to this file at `offset` inside the
+    /// kernel; falls back to read/write where the file systems cannot.
+    public func copy(from source: DiskFile, at sourceOffset: UInt64, to offset: UInt64, length: UInt64) throws(VHDXError) {
+        var done: UInt64 = 0
+        while done < length {
+            let n = cstorage_copy_range(source.fd, Int64(sourceOffset + done), fd, Int64(offset + done), Int64(length - done))
+            if n > 0 { done += UInt64(n); continue }
+            if n < 0 && errno == EINTR { continue }
+            if n < 0 && errno != EXDEV && errno != ENOSYS && errno != EOPNOTSUPP && errno != EINVAL {
+                throw .io(path: path, operation: "copy_file_range", offset: offset + done, errno: errno)
+            }
+            // Not supported here, or the source ended: copy the rest by hand.
+            let rest = try source.read(count: Int(length - done), at: sourceOffset + done)
+            try write(rest, at: offset + done)
+            return
+        }
+    }
+}
+
+/// The changes made through a file, in order, for tests that rebuild what a power loss at any
+/// point could have left on disk (only what an `fdatasync` covered is certain to be there).
+final class IORecorder: @unchecked Sendable {
+    enum Event {
+        case write(offset: UInt64, bytes: [UInt8])
+        case truncate(size: UInt64)
+        case sync
+        /// Test marker: the caller's flush returned after this many operations.
+        case acknowledged(Int)
+    }
+
+    private let lock = PthreadLock()
+    private var log: [Event] = []
+
+    func record(_ event: Event) { lock.withLock { log.append(event) } }
+    var events: [Event] { lock.withLock { log } }
 }

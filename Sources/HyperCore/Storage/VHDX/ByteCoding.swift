@@ -61,3 +61,9 @@ func isZero(_ buffer: UnsafeRawBufferPointer) -> Bool {
 }
 
 let MiB: UInt64 = 1 << 20
+
+/// True when `offset..<offset+length` lies inside `0..<size`, without overflowing on hostile values.
+@inline(__always)
+func fits(_ offset: UInt64, _ length: UInt64, within size: UInt64) -> Bool {
+    offset <= size && length <= size - offset
+}

@@ -57,5 +57,8 @@ struct BATGeometry: Equatable, Sendable {
     @inline(__always) func isBitmapIndex(_ index: Int) -> Bool { UInt64(index) % (chunkRatio + 1) == chunkRatio }
 
     /// Bytes of the virtual disk block `b` covers (the last block may be partial).
-    func blockLength(_ block: UInt64) -> UInt64 { min(blockSize, virtualSize - block * blockSize) }
+    func blockLength(_ block: UInt64) -> UInt64 {
+        let start = block * blockSize
+        return start >= virtualSize ? 0 : min(blockSize, virtualSize - start)
+    }
 }

@@ -94,3 +94,32 @@ extension VHDXImage {
         return actions
     }
 }
+
+/// Helpers for the fuzzer: recompute the checksums of headers, region tables and log entries after
+/// a mutation, so mutated images get past the CRC checks into the decoders.
+public enum FuzzSupport {
+    public static func fixChecksums(_ file: DiskFile) throws(VHDXError) {
+        let size = try file.size()
+        func fix(_ offset: UInt64, _ length: Int) throws(VHDXError) {
+            guard offset + UInt64(length) <= size else { return }
+            var b = try file.read(count: length, at: offset)
+            b.storeLE(CRC32C.checksum(b, zeroingFieldAt: 4), at: 4)
+            try file.write(Array(b[4..<8]), at: offset + 4)
+        }
+        for off in VHDXLayout.headerOffsets { try fix(off, VHDXLayout.headerSize) }
+        for off in VHDXLayout.regionTableOffsets { try fix(off, VHDXLayout.regionTableSize) }
+        // Non-wrapping log entries in the templates' 1 MiB log at 1 MiB.
+        let end = min(size, 2 * MiB)
+        var o = MiB
+        while o + 4096 <= end {
+            let e = try file.read(count: 64, at: o)
+            let length = UInt64(e.u32(8))
+            if e.hasSignature("loge", at: 0), length >= 4096, length % 4096 == 0, o + length <= end {
+                try fix(o, Int(length))
+                o += length
+            } else {
+                o += 4096
+            }
+        }
+    }
+}

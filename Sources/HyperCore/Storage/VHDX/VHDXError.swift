@@ -48,3 +48,15 @@ public enum VHDXError: Error, Equatable, Sendable, CustomStringConvertible {
         }
     }
 }
+
+extension VHDXError {
+    /// A device-level failure reported in VHDX terms (convert reads and writes through BlockBackend).
+    init(_ error: BlockError, path: String, offset: UInt64) {
+        switch error {
+        case let .io(p, o, e): self = .io(path: p, operation: "I/O", offset: o, errno: e)
+        case let .readOnly(p): self = .readOnly(path: p)
+        case let .corrupt(p, detail): self = .corrupt(path: p, structure: "image", offset: offset, detail: detail)
+        case .outOfRange, .misaligned, .unsupported: self = .invalidArgument("\(path) at \(offset): \(error)")
+        }
+    }
+}

@@ -65,7 +65,7 @@ struct VHDXHeader: Equatable, Sendable {
         }
         guard logOffset % MiB == 0, logOffset >= VHDXLayout.headerSectionSize else { throw bad("LogOffset \(logOffset) is not a 1 MiB multiple after the header section") }
         guard logLength > 0, UInt64(logLength) % MiB == 0 else { throw bad("LogLength \(logLength) is not a non-zero multiple of 1 MiB") }
-        guard logOffset + UInt64(logLength) <= fileSize else {
+        guard fits(logOffset, UInt64(logLength), within: fileSize) else {
             throw bad("log region \(logOffset)+\(logLength) extends past the end of the file (\(fileSize) bytes)")
         }
     }

@@ -40,14 +40,15 @@ public final class VHDXImage: BlockBackend, @unchecked Sendable {
     /// True when a pending log was found on open (applied to the file, or kept in memory when
     /// read-only).
     public let logWasPending: Bool
-    let regions: VHDXRegionTable
+    /// Changes only when resize moves the BAT (under the lock, through the log).
+    var regions: VHDXRegionTable
     let regionCopies: [Result<VHDXRegionTable, HeaderProblem>]
     var metadata: VHDXMetadata
     var geometry: BATGeometry
     let overlay: ReplayOverlay
 
     // Everything below is guarded by `lock`.
-    let lock = Lock()
+    let lock = PthreadLock()
     var headers: HeaderPair
     /// The BAT as on disk plus pending changes, padded to whole 4 KiB pages.
     var bat: [UInt64]
@@ -59,6 +60,9 @@ public final class VHDXImage: BlockBackend, @unchecked Sendable {
     var fileSize: UInt64
     var session: LogSession?
     var dataWriteGuidChanged = false
+    /// The DataWriteGuid the next guest-visible change will set (merge announces it to the child
+    /// first); a random one when nil.
+    var plannedDataWriteGuid: GUID?
     var closed = false
 
     public var isDifferencing: Bool { metadata.hasParent }
@@ -187,7 +191,7 @@ public final class VHDXImage: BlockBackend, @unchecked Sendable {
                 case SectorBitmapState.notPresent: continue
                 case SectorBitmapState.present:
                     guard g.hasParent else { bad("sector bitmap block present in a disk without a parent"); continue }
-                    guard e.fileOffset >= VHDXLayout.headerSectionSize, e.fileOffset + MiB <= fileSize else {
+                    guard e.fileOffset >= VHDXLayout.headerSectionSize, fits(e.fileOffset, MiB, within: fileSize) else {
                         bad("sector bitmap block at \(e.fileOffset) is outside the file (\(fileSize) bytes)"); continue
                     }
                     extents.append((e.fileOffset, e.fileOffset + MiB, "sector bitmap (BAT entry \(i))"))
@@ -200,12 +204,14 @@ public final class VHDXImage: BlockBackend, @unchecked Sendable {
             switch e.state {
             case 0, 1, 2, 3, 5: continue
             case 6, 7:
+                // A differencing BAT covers whole chunks; entries past the last block must be unused.
+                guard block < g.payloadBlocks else { bad("block \(block) lies past the end of the disk but is marked present"); continue }
                 if e.state == 7 {
                     guard g.hasParent else { bad("PARTIALLY_PRESENT block in a disk without a parent"); continue }
                     chunksNeedingBitmap.insert(chunk)
                 }
                 let length = g.blockLength(block)
-                guard e.fileOffset >= VHDXLayout.headerSectionSize, e.fileOffset + length <= fileSize else {
+                guard e.fileOffset >= VHDXLayout.headerSectionSize, fits(e.fileOffset, length, within: fileSize) else {
                     bad("payload block \(block) at file offset \(e.fileOffset) points outside the file (\(fileSize) bytes)"); continue
                 }
                 extents.append((e.fileOffset, e.fileOffset + length, "payload block \(block) (BAT entry \(i))"))

@@ -28,7 +28,7 @@ extension VHDXImage {
                                        lastFileOffset: roundUp(fileSize, MiB), pages: [])
             try file.write(empty, at: h.logOffset)
             try file.sync()
-            let newDataGuid = userVisible ? GUID.random() : h.dataWriteGuid
+            let newDataGuid = userVisible ? (plannedDataWriteGuid ?? GUID.random()) : h.dataWriteGuid
             for _ in 0..<2 {
                 try headers.update(file) {
                     $0.fileWriteGuid = .random()
@@ -39,7 +39,7 @@ extension VHDXImage {
             session = LogSession(logGuid: guid, nextSequence: 2, head: UInt64(empty.count))
             dataWriteGuidChanged = userVisible
         } else if userVisible && !dataWriteGuidChanged {
-            let newDataGuid = GUID.random()
+            let newDataGuid = plannedDataWriteGuid ?? GUID.random()
             for _ in 0..<2 { try headers.update(file) { $0.dataWriteGuid = newDataGuid } }
             dataWriteGuidChanged = true
         }
@@ -121,6 +121,12 @@ extension VHDXImage {
             }
             closed = true
         }
+    }
+
+    /// Drops the image without the clean-close header update, leaving the log pending exactly as a
+    /// crash after the last flush would (the fuzzer's templates and the tests use it).
+    public func abandon() {
+        lock.withLock { closed = true }
     }
 
     // MARK: - BAT and bitmap changes (held in memory until flush)

@@ -30,8 +30,9 @@ enum VHDXLog {
 
     /// Builds an entry: header + descriptors in the descriptor sectors, then one data sector per page.
     static func encode(sequenceNumber: UInt64, tail: UInt32, logGuid: GUID, flushedFileOffset: UInt64,
-                       lastFileOffset: UInt64, pages: [(fileOffset: UInt64, page: [UInt8])]) -> [UInt8] {
-        let descriptorBytes = 64 + 32 * pages.count
+                       lastFileOffset: UInt64, pages: [(fileOffset: UInt64, page: [UInt8])],
+                       zeros: [(fileOffset: UInt64, length: UInt64)] = []) -> [UInt8] {
+        let descriptorBytes = 64 + 32 * (pages.count + zeros.count)
         let descriptorSectors = (descriptorBytes + sector - 1) / sector
         let length = (descriptorSectors + pages.count) * sector
         var b = [UInt8](repeating: 0, count: length)
@@ -39,7 +40,7 @@ enum VHDXLog {
         b.storeLE(UInt32(length), at: 8)
         b.storeLE(tail, at: 12)
         b.storeLE(sequenceNumber, at: 16)
-        b.storeLE(UInt32(pages.count), at: 24)
+        b.storeLE(UInt32(pages.count + zeros.count), at: 24)
         b.putGUID(logGuid, at: 32)
         b.storeLE(flushedFileOffset, at: 48)
         b.storeLE(lastFileOffset, at: 56)
@@ -57,6 +58,13 @@ enum VHDXLog {
             b.replaceSubrange(s + 8..<s + 4092, with: p.page[8..<4092])
             b.storeLE(UInt32(sequenceNumber & 0xFFFF_FFFF), at: s + 4092)
         }
+        for (k, z) in zeros.enumerated() {
+            let d = 64 + 32 * (pages.count + k)
+            b.putSignature("zero", at: d)
+            b.storeLE(z.length, at: d + 8)
+            b.storeLE(z.fileOffset, at: d + 16)
+            b.storeLE(sequenceNumber, at: d + 24)
+        }
         b.storeLE(CRC32C.checksum(b), at: 4)
         return b
     }
@@ -67,6 +75,8 @@ enum VHDXLog {
     static func decodeEntry(log: [UInt8], at offset: Int, logGuid: GUID) -> Entry? {
         let ring = log.count
         guard ring >= sector, offset % sector == 0, offset < ring else { return nil }
+        // Most positions of a log are not entry starts: reject them before copying anything.
+        guard log.hasSignature("loge", at: offset) else { return nil }
         func sectorBytes(_ index: Int) -> [UInt8] {
             let start = (offset + index * sector) % ring
             return Array(log[start..<start + sector])

@@ -14,8 +14,17 @@ extension VHDXImage {
             let old = geometry
             if newSize == old.virtualSize { return }
             let new = BATGeometry(blockSize: old.blockSize, logicalSectorSize: old.logicalSectorSize, virtualSize: newSize, hasParent: old.hasParent)
-            guard new.entryCount * 8 <= UInt64(regions.bat!.length) else {
-                throw .unsupported(path: path, detail: "growing to \(newSize) bytes needs a BAT of \(new.entryCount * 8) bytes but its region holds \(regions.bat!.length); create a new disk and convert into it")
+            // A BAT region too small for the new size moves to the end of the file: the copy is
+            // written to fresh space and made durable, then the region tables switch to it in the
+            // same log entry as the new size.
+            var newRegions: VHDXRegionTable?
+            if new.entryCount * 8 > UInt64(regions.bat!.length) {
+                guard new.regionLength <= UInt64(UInt32.max) & ~(MiB - 1) else {
+                    throw .invalidArgument("\(path): a \(newSize)-byte disk with \(old.blockSize)-byte blocks needs a BAT over 4 GiB; use larger blocks")
+                }
+                newRegions = regions
+                let index = regions.entries.firstIndex { $0.guid == VHDXRegionTable.batGUID }!
+                newRegions!.entries[index].length = UInt32(new.regionLength)
             }
             if newSize < old.virtualSize {
                 let firstGone = (newSize + old.blockSize - 1) / old.blockSize
@@ -46,8 +55,25 @@ extension VHDXImage {
                     setBATEntry(new.payloadIndex(b), BATEntry(state: PayloadBlockState.fullyPresent.rawValue, fileOffset: off))
                 }
             }
+            var pages: [(fileOffset: UInt64, page: [UInt8])] = []
+            if var moved = newRegions {
+                let index = moved.entries.firstIndex { $0.guid == VHDXRegionTable.batGUID }!
+                let offset = try allocate(UInt64(moved.entries[index].length))
+                moved.entries[index].fileOffset = offset
+                var bytes = [UInt8](repeating: 0, count: bat.count * 8)
+                for i in bat.indices { bytes.storeLE(bat[i], at: 8 * i) }
+                try file.write(bytes, at: offset)
+                let table = moved.encode()
+                for copy in VHDXLayout.regionTableOffsets {
+                    for p in 0..<VHDXLayout.regionTableSize / 4096 {
+                        pages.append((copy + UInt64(p * 4096), Array(table[p * 4096..<(p + 1) * 4096])))
+                    }
+                }
+                regions = moved
+                dirtyBATPages.removeAll()
+            }
             try file.sync()
-            var pages = dirtyPages()
+            pages += dirtyPages()
             let itemPage = metadata.virtualSizeItemOffset & ~4095
             var page = try readFile(count: 4096, at: itemPage)
             page.storeLE(newSize, at: Int(metadata.virtualSizeItemOffset - itemPage))
@@ -177,17 +203,40 @@ extension VHDXImage {
 
     // MARK: Merge
 
-    /// Writes this differencing disk's own data into its parent (Merge-VHD). The parent is opened
-    /// read-write for the merge only; afterwards this child no longer matches its parent (the
-    /// parent's DataWriteGuid changed) and should be deleted.
+    /// Writes this differencing disk's own data into its parent (Merge-VHD).
+    ///
+    /// Crash-safe in the way [MS-VHDX] note 12 describes: the DataWriteGuid the parent is about to
+    /// get is first written into this child's `parent_linkage2` (through the log), and only then is
+    /// the parent changed. The chain reads the same bytes at every moment of the merge (the child's
+    /// sectors win over the parent's, and the parent only receives those same sectors), so an
+    /// interrupted merge leaves a chain that still opens and can simply be merged again. Afterwards
+    /// the child is redundant and can be deleted. `stopAfterBlocks` simulates an interruption (tests).
     public func mergeIntoParent(progress: ((UInt64, UInt64) -> Void)? = nil) throws(VHDXError) {
+        try mergeIntoParent(progress: progress, stopAfterBlocks: nil)
+    }
+
+    func mergeIntoParent(progress: ((UInt64, UInt64) -> Void)?, stopAfterBlocks: UInt64?) throws(VHDXError) {
         guard metadata.hasParent, let parent else { throw .invalidArgument("\(path) is not a differencing disk") }
+        guard !isReadOnly else { throw .readOnly(path: path) }
+        // Resuming an interrupted merge: the parent already carries the GUID announced in
+        // parent_linkage2, so keep it (a fresh one would orphan the child if this run stops too).
+        let current = parent.dataWriteGuid
+        let announced = parentLocator?["parent_linkage2"].flatMap(GUID.init)
+        let newGuid = announced == current ? current : GUID.random()
+        if announced != newGuid { try setParentLinkage2(newGuid) }
         let target = try VHDXImage(path: parent.path, options: OpenOptions(readOnly: false))
+        target.plannedDataWriteGuid = newGuid
+        try target.lock.withLock { () throws(VHDXError) in try target.beginModification(userVisible: true) }
         if target.virtualSize < virtualSize { try target.resize(to: virtualSize) }
         let g = geometry
         var buffer = [UInt8](repeating: 0, count: Int(g.blockSize))
         for b in 0..<g.payloadBlocks {
             progress?(b, g.payloadBlocks)
+            if let stopAfterBlocks, b >= stopAfterBlocks {
+                try target.lock.withLock { () throws(VHDXError) in try target.flushLocked() }
+                target.abandon()
+                return
+            }
             let start = b * g.blockSize
             let length = g.blockLength(b)
             let (state, runs) = try lock.withLock { () throws(VHDXError) -> (UInt8, [(Source, Int)]) in
@@ -224,5 +273,65 @@ extension VHDXImage {
         }
         progress?(g.payloadBlocks, g.payloadBlocks)
         try target.close()
+    }
+}
+
+extension VHDXImage {
+    /// Sets `parent_linkage2` in this child's parent locator, through the log. The item is rewritten
+    /// in place when it still fits, otherwise after the last item of the metadata region.
+    func setParentLinkage2(_ guid: GUID) throws(VHDXError) {
+        try lock.withLock { () throws(VHDXError) in
+            guard var locator = metadata.parentLocator,
+                  let index = metadata.entries.firstIndex(where: { $0.itemID == VHDXMetadata.parentLocatorID && !$0.isUser }) else {
+                throw .invalidArgument("\(path) has no parent locator")
+            }
+            if let k = locator.entries.firstIndex(where: { $0.key == "parent_linkage2" }) {
+                locator.entries[k].value = guid.braced
+            } else {
+                locator.entries.append(("parent_linkage2", guid.braced))
+            }
+            let item = locator.encode()
+            var entry = metadata.entries[index]
+            let region = regions.metadata!
+            if item.count > Int(entry.length) {
+                let end = metadata.entries.map { UInt64($0.offset) + UInt64($0.length) }.max() ?? UInt64(VHDXMetadata.tableSize)
+                let offset = roundUp(max(end, UInt64(VHDXMetadata.tableSize)), 8)
+                guard offset + UInt64(item.count) <= UInt64(region.length) else {
+                    throw .unsupported(path: path, detail: "no room in the metadata region for a larger parent locator")
+                }
+                entry.offset = UInt32(offset)
+            }
+            entry.length = UInt32(item.count)
+            try beginModification(userVisible: false)
+            // Patch the table entry and the item, and log every page they touch.
+            let base = region.fileOffset
+            let touched: [Range<UInt64>] = [
+                (base + UInt64(32 + 32 * index))..<(base + UInt64(64 + 32 * index)),
+                (base + UInt64(entry.offset))..<(base + UInt64(entry.offset) + UInt64(item.count)),
+            ]
+            var pages: [UInt64: [UInt8]] = [:]
+            for r in touched {
+                var p = r.lowerBound & ~4095
+                while p < r.upperBound {
+                    if pages[p] == nil { pages[p] = try readFile(count: 4096, at: p) }
+                    p += 4096
+                }
+            }
+            func put(_ bytes: [UInt8], at offset: UInt64) {
+                for (k, byte) in bytes.enumerated() {
+                    let o = offset + UInt64(k)
+                    pages[o & ~4095]![Int(o & 4095)] = byte
+                }
+            }
+            var field = [UInt8](repeating: 0, count: 8)
+            field.storeLE(entry.offset, at: 0)
+            field.storeLE(entry.length, at: 4)
+            put(field, at: base + UInt64(32 + 32 * index + 16))
+            put(item, at: base + UInt64(entry.offset))
+            try file.sync()
+            try commit(pages: pages.keys.sorted().map { ($0, pages[$0]!) })
+            metadata.entries[index] = entry
+            metadata.parentLocator = locator
+        }
     }
 }

@@ -37,7 +37,7 @@ struct VHDXRegionTable: Equatable, Sendable {
             guard e.length > 0, UInt64(e.length) % MiB == 0 else {
                 return .failure(.init("entry \(i) (\(e.guid)): Length \(e.length) is not a non-zero multiple of 1 MiB"))
             }
-            guard e.fileOffset + UInt64(e.length) <= fileSize else {
+            guard fits(e.fileOffset, UInt64(e.length), within: fileSize) else {
                 return .failure(.init("entry \(i) (\(e.guid)): region \(e.fileOffset)+\(e.length) extends past the end of the file (\(fileSize) bytes)"))
             }
             if let dup = entries.firstIndex(where: { $0.guid == e.guid }) {

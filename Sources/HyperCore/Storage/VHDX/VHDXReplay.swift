@@ -40,7 +40,13 @@ enum LogReplay {
     /// bitmaps); a LastFileOffset beyond it is corruption, not a reason to grow the file.
     static let maxPlausibleFileSize: UInt64 = VHDXLayout.maxVirtualSize + (1 << 40)
 
+    /// The whole log is read into memory to search it; real logs are 1 MiB (Hyper-V, QEMU's default).
+    static let maxLogLength: UInt32 = 256 << 20
+
     static func plan(file: DiskFile, header: VHDXHeader, fileSize: UInt64) throws(VHDXError) -> Plan {
+        guard header.logLength <= maxLogLength else {
+            throw .unsupported(path: file.path, detail: "a pending log of \(header.logLength) bytes (more than \(maxLogLength) bytes is not replayed)")
+        }
         let logBytes = try file.read(count: Int(header.logLength), at: header.logOffset)
         guard let sequence = VHDXLog.findActiveSequence(log: logBytes, logGuid: header.logGuid) else {
             throw .corrupt(path: file.path, structure: "log", offset: header.logOffset,
