@@ -115,11 +115,8 @@ struct GuestIntegrationTests {
 
     @Test("the UART's IRQ 4 reaches the guest through the in-kernel IOAPIC: THR-empty, then host input", .timeLimit(.minutes(1)))
     func uartInterruptsThroughIOAPIC() throws {
-        let console = BufferOutput()
-        var configuration = MachineConfiguration(boot: .pvh(kernel: try GuestImages.bytes("uartirq.elf"), kernelName: "uartirq.elf",
-                                                            initrd: nil, commandLine: ""))
-        configuration.memorySize = 32 << 20
-        configuration.console = console
+        let configuration = try GuestRun.configuration("uartirq.elf", memory: 32 << 20)
+        let console = configuration.console as! BufferOutput
         let machine = try Machine(configuration)
         try machine.start()
         // Host input arrives from another thread, once the guest sleeps waiting for it.
@@ -169,12 +166,7 @@ struct GuestIntegrationTests {
 
     @Test("stop() from another thread kicks a spinning vCPU out of KVM_RUN", .timeLimit(.minutes(1)))
     func stopFromAnotherThread() throws {
-        var configuration = MachineConfiguration(boot: .pvh(kernel: try GuestImages.bytes("spin.elf"), kernelName: "spin.elf",
-                                                            initrd: nil, commandLine: ""))
-        configuration.memorySize = 32 << 20
-        configuration.cpuCount = 2
-        configuration.console = BufferOutput()
-        let machine = try Machine(configuration)
+        let machine = try Machine(try GuestRun.configuration("spin.elf", memory: 32 << 20, cpus: 2))
         try machine.start()
         usleep(300_000)
         let before = ContinuousClock.now

@@ -35,12 +35,7 @@ struct SMPTests {
 
     @Test("the MP table a machine writes describes its vCPUs", .timeLimit(.minutes(1)))
     func machineWritesMPTable() throws {
-        var configuration = MachineConfiguration(boot: .pvh(kernel: try GuestImages.bytes("reset.elf"), kernelName: "reset.elf",
-                                                            initrd: nil, commandLine: ""))
-        configuration.memorySize = 32 << 20
-        configuration.cpuCount = 3
-        configuration.console = BufferOutput()
-        let machine = try Machine(configuration)
+        let machine = try Machine(try GuestRun.configuration("reset.elf", memory: 32 << 20, cpus: 3))
         let parsed = try MPTableTests.parse(try machine.memory.readBytes(at: MPTable.defaultAddress, count: 1024))
         #expect(parsed.cpus.map(\.apicID) == [0, 1, 2])
         #expect(parsed.tableChecksumOK && parsed.pointerChecksumOK)

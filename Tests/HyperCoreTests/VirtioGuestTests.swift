@@ -20,11 +20,8 @@ struct VirtioGuestTests {
     static func hypercore(_ commandLine: String, _ devices: [VirtioDeviceConfiguration],
                           memory: UInt64 = 64 << 20) throws -> (run: GuestRun, machineDevices: [VirtioDeviceCore]) {
         var cores: [VirtioDeviceCore] = []
-        let console = BufferOutput()
-        var configuration = MachineConfiguration(boot: .pvh(kernel: try GuestImages.bytes("virtio.elf"), kernelName: "virtio.elf",
-                                                            initrd: nil, commandLine: commandLine))
-        configuration.memorySize = memory
-        configuration.console = console
+        var configuration = try GuestRun.configuration("virtio.elf", commandLine: commandLine, memory: memory)
+        let console = configuration.console as! BufferOutput
         configuration.virtioDevices = devices
         let machine = try Machine(configuration)
         let exit = try machine.run(timeout: .seconds(60))

@@ -55,18 +55,25 @@ struct GuestRun {
         }
     }
 
-    static func pvh(_ guest: String, commandLine: String = "", initrd: [UInt8]? = nil, memory: UInt64 = 64 << 20,
-                    cpus: Int = 1, timeout: Duration = .seconds(30),
-                    configure: (inout MachineConfiguration) -> Void = { _ in }) throws -> GuestRun {
-        let console = BufferOutput()
+    /// The configuration of a machine booting test guest `guest` through PVH, its console kept
+    /// in memory (read it back from `configuration.console as! BufferOutput`).
+    static func configuration(_ guest: String, commandLine: String = "", initrd: [UInt8]? = nil,
+                              memory: UInt64 = 64 << 20, cpus: Int = 1) throws -> MachineConfiguration {
         var configuration = MachineConfiguration(boot: .pvh(kernel: try GuestImages.bytes(guest), kernelName: guest,
                                                             initrd: initrd, commandLine: commandLine))
         configuration.memorySize = memory
         configuration.cpuCount = cpus
-        configuration.console = console
+        configuration.console = BufferOutput()
+        return configuration
+    }
+
+    static func pvh(_ guest: String, commandLine: String = "", initrd: [UInt8]? = nil, memory: UInt64 = 64 << 20,
+                    cpus: Int = 1, timeout: Duration = .seconds(30),
+                    configure: (inout MachineConfiguration) -> Void = { _ in }) throws -> GuestRun {
+        var configuration = try Self.configuration(guest, commandLine: commandLine, initrd: initrd, memory: memory, cpus: cpus)
         configure(&configuration)
-        let machine = try Machine(configuration)
-        let exit = try machine.run(timeout: timeout)
+        let console = configuration.console as! BufferOutput
+        let exit = try Machine(configuration).run(timeout: timeout)
         return GuestRun(exit: exit, console: console.text)
     }
 }

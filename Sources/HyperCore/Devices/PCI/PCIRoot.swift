@@ -91,23 +91,22 @@ public final class PCIMMIOWindow: BusDevice, Sendable {
     public init(root: PCIRoot) { devices = root.allDevices }
 
     public func read(offset: UInt64, data: UnsafeMutableRawBufferPointer) {
-        let address = Self.base + offset
-        for device in devices {
-            if let (bar, barOffset) = device.decode(address) {
-                device.barRead(bar, offset: barOffset, into: data)
-                return
-            }
-        }
+        guard let (device, bar, barOffset) = claimant(of: offset) else { return }
+        device.barRead(bar, offset: barOffset, into: data)
     }
 
     public func write(offset: UInt64, data: UnsafeRawBufferPointer) {
+        guard let (device, bar, barOffset) = claimant(of: offset) else { return }
+        device.barWrite(bar, offset: barOffset, from: data)
+    }
+
+    /// The device whose BAR decodes the window offset now, with the BAR and the offset into it.
+    private func claimant(of offset: UInt64) -> (device: any PCIDevice, bar: Int, offset: UInt64)? {
         let address = Self.base + offset
         for device in devices {
-            if let (bar, barOffset) = device.decode(address) {
-                device.barWrite(bar, offset: barOffset, from: data)
-                return
-            }
+            if let (bar, barOffset) = device.decode(address) { return (device, bar, barOffset) }
         }
+        return nil
     }
 }
 
