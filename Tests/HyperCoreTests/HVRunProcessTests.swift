@@ -68,11 +68,8 @@ struct HVRunProcessTests {
 
     @Test("a guest failure is status 3 with the reason, RIP and instruction bytes on stderr", .timeLimit(.minutes(1)))
     func guestFailureStatus() throws {
-        let path = "/tmp/hypercore-crash-\(getpid()).elf"
-        let image = TinyELF.make(code: [0x90, 0xCC, 0xF4])
-        try writeFile(path, image)
-        defer { unlink(path) }
-        let result = try TestHost.hvrun(["run", "--kernel", path], timeoutSeconds: 30)
+        let kernel = try TemporaryFile(bytes: TinyELF.make(code: [0x90, 0xCC, 0xF4]))
+        let result = try TestHost.hvrun(["run", "--kernel", kernel.path], timeoutSeconds: 30)
         #expect(result.status == 3)
         #expect(result.stderr.contains("the guest failed"))
         #expect(result.stderr.contains("rip=0x10000"))

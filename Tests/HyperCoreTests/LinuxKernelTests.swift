@@ -142,30 +142,19 @@ struct LinuxKernelTests {
        .enabled(if: TestHost.kvmUsable, TestHost.kvmSkipReason),
        .enabled(if: TestHost.hvrunPath != nil, "the hvrun binary is not built next to the tests"))
 struct HVRunLinuxOptionTests {
-    static func temporaryFile(_ bytes: [UInt8]) throws -> String {
-        var template = Array("/tmp/hypercore-bzimage-XXXXXX".utf8CString)
-        let fd = mkstemp(&template)
-        try #require(fd >= 0)
-        defer { close(fd) }
-        _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        return String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    }
-
     @Test("a truncated bzImage and one needing more memory are refused with status 1 and the reason")
     func bzImageRefusals() throws {
         let whole = CraftedBzImage.make()
-        let truncated = try Self.temporaryFile(Array(whole.prefix(whole.count - 512)))
-        defer { unlink(truncated) }
-        let cut = try TestHost.hvrun(["run", "--kernel", truncated])
+        let truncated = try TemporaryFile(bytes: Array(whole.prefix(whole.count - 512)))
+        let cut = try TestHost.hvrun(["run", "--kernel", truncated.path])
         #expect(cut.status == 1)
         #expect(cut.stderr.contains("truncated"), "\(cut.stderr)")
-        #expect(cut.stderr.contains(truncated))
+        #expect(cut.stderr.contains(truncated.path))
 
         var fields = CraftedBzImage.Fields()
         fields.initSize = 0x1000_0000
-        let big = try Self.temporaryFile(CraftedBzImage.make(fields))
-        defer { unlink(big) }
-        let tooBig = try TestHost.hvrun(["run", "--kernel", big, "--memory", "64M"])
+        let big = try TemporaryFile(bytes: CraftedBzImage.make(fields))
+        let tooBig = try TestHost.hvrun(["run", "--kernel", big.path, "--memory", "64M"])
         #expect(tooBig.status == 1)
         #expect(tooBig.stderr.contains("raise --memory"), "\(tooBig.stderr)")
     }

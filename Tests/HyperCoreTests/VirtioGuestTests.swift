@@ -39,7 +39,7 @@ struct VirtioGuestTests {
 
     func blockRun(_ commandLine: String, readOnly: Bool = false, transport: VirtioDeviceConfiguration.Transport) throws {
         let image = Self.diskImage()
-        let file = TemporaryFile(bytes: image)
+        let file = try TemporaryFile(bytes: image)
         let backend = try RawImage(path: file.path, readOnly: readOnly)
         let (run, cores) = try Self.hypercore(commandLine, [.init(.block(backend, identifier: "hypercore-disk"), transport: transport)])
         #expect(run.exit == Self.exitOK, "\(run.exit)\n\(run.console)")
@@ -68,7 +68,7 @@ struct VirtioGuestTests {
         #expect(cores.first?.lastError == nil)
 
         guard QEMUVirtio.available else { return }
-        let qemuFile = TemporaryFile(bytes: image)
+        let qemuFile = try TemporaryFile(bytes: image)
         let drive = "file=\(qemuFile.path),if=none,id=d0,format=raw" + (readOnly ? ",readonly=on" : "")
         let device = transport == .mmio ? "virtio-blk-device,drive=d0,serial=hypercore-disk"
                                         : "virtio-blk-pci,drive=d0,disable-legacy=on,serial=hypercore-disk"
@@ -105,7 +105,7 @@ struct VirtioGuestTests {
         #expect(output.text == "hello from virtio-console\n")
 
         guard QEMUVirtio.available else { return }
-        let outFile = TemporaryFile(bytes: [])
+        let outFile = try TemporaryFile(bytes: [])
         let bus = transport == .mmio ? "virtio-serial-device" : "virtio-serial-pci,disable-legacy=on"
         let qemu = try QEMUVirtio.run(commandLine: "dev=3" + (transport == .mmio ? " mmio=1" : "") + (irq ? " irq=1" : ""),
                                       mmio: transport == .mmio,

@@ -197,7 +197,7 @@ struct VirtioUnitTests {
         let block = VirtioBlock(backend: MemoryDisk(sectors: 64), queueSize: 64)
         var chain = DescriptorChain()
         for file in files {
-            let bytes = TemporaryFile.read(file)
+            let bytes = try ImageFile.read(file)
             guard bytes.count >= 3 else { continue }
             try memory.zero(at: 0, count: 65536 + 4096)
             try memory.write(at: 0, bytes: bytes[3..<min(bytes.count, 3 + 65536)])

@@ -1,4 +1,5 @@
 import Testing
+import HyperCore
 #if canImport(Glibc)
 import Glibc
 #endif
@@ -46,11 +47,25 @@ extension Tag {
     @Tag static var kvm: Self
 }
 
-/// Writes bytes to a file (tests only).
-func writeFile(_ path: String, _ bytes: [UInt8]) throws {
-    let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
-    guard fd >= 0 else { throw Subprocess.Failure.spawn(path, errno) }
-    defer { close(fd) }
-    let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-    guard written == bytes.count else { throw Subprocess.Failure.spawn(path, errno) }
+/// A scratch file holding `bytes`, removed when the value goes away.
+final class TemporaryFile {
+    let path: String
+
+    init(bytes: [UInt8]) throws {
+        var template = Array("/tmp/hypercore-test-XXXXXX".utf8CString)
+        let fd = mkstemp(&template)
+        guard fd >= 0 else { throw Subprocess.Failure.spawn("mkstemp", errno) }
+        defer { close(fd) }
+        path = String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        let written = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+        guard written == bytes.count else {
+            unlink(path)
+            throw Subprocess.Failure.spawn(path, errno)
+        }
+    }
+
+    /// The file's current contents (empty if it cannot be read).
+    var bytes: [UInt8] { (try? ImageFile.read(path)) ?? [] }
+
+    deinit { unlink(path) }
 }

@@ -103,29 +103,3 @@ enum QEMUVirtio {
     }
 }
 
-/// A scratch file removed at deinit.
-final class TemporaryFile {
-    let path: String
-    init(bytes: [UInt8]) {
-        var template = Array("/tmp/hypercore-virtio-XXXXXX".utf8CString)
-        let fd = template.withUnsafeMutableBufferPointer { mkstemp($0.baseAddress!) }
-        path = String(decoding: template.dropLast().map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
-        close(fd)
-    }
-    var bytes: [UInt8] { Self.read(path) }
-
-    static func read(_ path: String) -> [UInt8] {
-        guard let file = fopen(path, "rb") else { return [] }
-        defer { fclose(file) }
-        var out: [UInt8] = []
-        var buffer = [UInt8](repeating: 0, count: 65536)
-        while true {
-            let n = fread(&buffer, 1, buffer.count, file)
-            if n <= 0 { break }
-            out += buffer[0..<n]
-        }
-        return out
-    }
-    deinit { unlink(path) }
-}
