@@ -190,7 +190,9 @@ public final class Machine: Sendable {
                     lifecycle.kickAll()
                 }
             }
-            done = !handles.isEmpty || started.load(ordering: .acquiring) == false
+            // Done only once threads were actually joined: a stop() before start() must not keep a
+            // later wait() from joining the threads start() creates.
+            done = !handles.isEmpty
         }
     }
 }
