@@ -15,6 +15,7 @@
 #include <sys/epoll.h>
 #include <sys/eventfd.h>
 #include <sys/random.h>
+#include <sys/syscall.h>
 
 // MARK: - ioctl
 
@@ -206,4 +207,9 @@ long ckvm_getrandom(void *buffer, size_t length) {
         if (n >= 0) return (long)n;
         if (errno != EINTR) return -errno;
     }
+}
+
+int ckvm_rename_exchange(const char *from, const char *to) {
+    long result = syscall(SYS_renameat2, AT_FDCWD, from, AT_FDCWD, to, 1 /* RENAME_EXCHANGE */);
+    return result < 0 ? -errno : 0;
 }

@@ -12,11 +12,12 @@ trap 'rm -rf "$tmp"' EXIT
 failures=0
 
 # run LIMIT_S GUEST QEMU_ARGS...: boots GUEST; sets $status and $output.
+# machine=… before it picks another machine type than q35.
 run() {
 	local limit=$1 guest=$2
 	shift 2
 	current=$guest
-	timeout "$limit" qemu-system-x86_64 -M q35 -accel kvm -m 128 -nodefaults \
+	timeout "$limit" qemu-system-x86_64 -M "${machine:-q35}" -accel kvm -m 128 -nodefaults \
 		-nographic -no-reboot -display none -monitor none -serial stdio \
 		-device isa-debug-exit,iobase=0x501,iosize=2 \
 		-kernel "$out/$guest" "$@" >"$tmp/out" 2>"$tmp/err" </dev/null
@@ -115,6 +116,35 @@ run 30 virtio.elf -append "dev=4 irq=1" -device virtio-rng-pci,disable-legacy=on
 expect "$(qexit 0x40)" "rng_bytes=64,64" "rng_random=yes"
 run 30 virtio.elf -append "dev=3" -device virtio-serial-pci,disable-legacy=on -chardev null,id=c0 -device virtconsole,chardev=c0
 expect "$(qexit 0x40)" "console_tx=ok" "status=0xf"
+
+# The save/restore guest: the same steps and result as HyperCore, on both transports.
+# expect_steps N: the step lines are exactly step=1..N in order; con_steps FILE N: so is hvc0's output.
+expect_steps() {
+	[ "$(grep '^step=' <<<"$output" | tr '\n' ' ')" = "$(seq -f 'step=%g' -s ' ' 1 "$1") " ] || fail "step lines are not step=1..$1"
+}
+con_steps() {
+	[ "$(tr -d '\r' <"$1" | tr '\n' ' ')" = "$(seq -f 'con step=%g' -s ' ' 1 "$2") " ] || fail "hvc0 got $(wc -l <"$1") lines, not con step=1..$2"
+}
+run 30 stateful.elf -append "steps=12"
+expect "$(qexit 0x41)" "stateful steps=12 cpus=1 blk=0 con=0" "pages_ok=12" "uart_irqs=12" "result=0x89d9f4fdda1cc4ab"
+expect_steps 12
+truncate -s 64K "$tmp/stateful.img"
+sblk="-drive file=$tmp/stateful.img,if=none,id=s0,format=raw"
+run 60 stateful.elf -smp 4 -append "steps=12 blk=1 con=1 cpus=4" $sblk -device virtio-blk-pci,drive=s0,disable-legacy=on \
+	-device virtio-serial-pci,disable-legacy=on -chardev file,id=c0,path="$tmp/hvc0" -device virtconsole,chardev=c0
+expect "$(qexit 0x41)" "stateful steps=12 cpus=4 blk=1 con=1" "pages_ok=12" "disk_ok=12" "uart_irqs=12" "aps_ok=3" \
+	"result=0x6fa6cc2ab491adeb"
+expect_steps 12
+con_steps "$tmp/hvc0" 12
+rm -f "$tmp/hvc0"
+machine=microvm,acpi=off run 60 stateful.elf -smp 2 -global virtio-mmio.force-legacy=false \
+	-append "steps=12 blk=1 con=1 cpus=2 mmio=1" $sblk -device virtio-blk-device,drive=s0 \
+	-device virtio-serial-device -chardev file,id=c0,path="$tmp/hvc0" -device virtconsole,chardev=c0
+expect "$(qexit 0x41)" "stateful steps=12 cpus=2 blk=1 con=1" "disk_ok=12" "uart_irqs=12" "aps_ok=1" "result=0x6fa6cc2ab491adeb"
+expect_steps 12
+con_steps "$tmp/hvc0" 12
+run 30 stateful.elf -append "steps=4 touch=32"
+expect "$(qexit 0x41)" "touch=32" "pages_ok=4" "touched_ok=8192" "result=0x*"
 
 if [ "$failures" -ne 0 ]; then
 	echo "$failures check(s) failed"

@@ -27,7 +27,8 @@
  */
 #define TSC_PER_US	2000
 
-extern const char ap_trampoline[], ap_trampoline_end[];
+extern const char ap_trampoline[], ap_trampoline_end[], ap_main[];
+extern u32 ap_entry;		/* smp_ap.S: where the APs continue in long mode */
 volatile u32 ap_slot, ap_done, ap_ids[MAX_APS];
 
 static void delay_us(u64 us)
@@ -58,6 +59,7 @@ void guest_main(struct hvm_start_info *si)
 	u32 want = cpus - 1;
 
 	/* The start info has been read: the trampoline may overwrite low memory. */
+	ap_entry = (u32)(u64)ap_main;
 	memcpy((void *)TRAMP_BASE, ap_trampoline, ap_trampoline_end - ap_trampoline);
 	mmio_write32(LAPIC + LAPIC_SVR, SVR_ENABLE | 0xff);
 	if (want) {

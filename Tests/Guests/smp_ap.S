@@ -3,7 +3,8 @@
  * reached through SIPI vector 0x08 (CS=0x0800, IP=0), so everything in it
  * is addressed as its offset from 0x8000. It goes to 32-bit protected
  * mode and joins the BSP's own route to long mode (start.S), which
- * continues at the address in EBP: ap_main.
+ * continues at the address in EBP: ap_entry, which the guest sets first
+ * (smp.c to ap_main below, stateful.c to its own continuation).
  */
 #define TRAMP_BASE	0x8000
 #define AT(x)		((x) - ap_trampoline + TRAMP_BASE)
@@ -28,7 +29,7 @@ ap_trampoline:
 tramp_prot32:
 	mov	$0x10, %eax		/* DS still has its 64 KiB real-mode limit */
 	mov	%eax, %ds
-	mov	$ap_main, %ebp
+	mov	ap_entry, %ebp		/* absolute load: DS is flat now */
 	mov	$enter_long_mode, %eax
 	jmp	*%eax			/* absolute: this copy is not where it was linked */
 
@@ -38,7 +39,16 @@ tramp_gdt_ptr:
 	.long	gdt
 ap_trampoline_end:
 
+	.section .data.ap_entry, "aw"
+	.balign 4
+	.globl ap_entry
+ap_entry:
+	.long	0			/* set by the guest before the SIPIs */
+
+	/* Its own section: guests with their own continuation leave it out. */
+	.section .text.ap_main, "ax"
 	.code64
+	.globl ap_main
 /* No stack: report the APIC ID, take a slot, count ourselves, park. */
 ap_main:
 	mov	$1, %eax

@@ -12,167 +12,43 @@
  * bs=BYTES, depth=N, count=N, rand=1 (blk throughput run).
  *
  * Every printed key=value line must be the same on HyperCore and QEMU.
+ * The transport and virtqueue code is rt/virtio.c, shared with stateful.c.
  */
 #include "rt.h"
+#include "virtio.h"
 
 #define EXIT_VIRTIO 0x40
 
-#define ST_ACK 1
-#define ST_DRIVER 2
-#define ST_DRIVER_OK 4
-#define ST_FEATURES_OK 8
+#define F_INDIRECT VIRTIO_F_INDIRECT
+#define F_EVENT_IDX VIRTIO_F_EVENT_IDX
 
-#define F_INDIRECT (1ul << 28)
-#define F_EVENT_IDX (1ul << 29)
-#define F_VERSION_1 (1ul << 32)
-
-#define DESC_NEXT 1
-#define DESC_WRITE 2
-#define DESC_INDIRECT 4
-
-#define QSZ 32
 #define VEC_CONFIG 0x40
 #define VEC_QUEUE 0x41
 #define LAPIC 0xfee00000ul
 
-static void fail(const char *what)
-{
-	printf("error=%s\n", what);
-	debug_exit(EXIT_FAILURE);
-}
+#define fail virtio_fail
 
-static inline void barrier(void) { __asm__ volatile("" ::: "memory"); }
-
-/* ---- transport ---- */
+/* ---- transport (rt/virtio.c) ---- */
 
 static int use_mmio, use_irq;
-static u64 common, isr_addr, devcfg, notify_base, mmio_base;
-static u32 notify_mul, msix_cap;
-static int pci_slot;
-static u64 msix_table;
-
-static u8 get_status(void) { return use_mmio ? (u8)mmio_read32(mmio_base + 0x70) : mmio_read8(common + 0x14); }
-static void set_status(u8 s)
-{
-	if (use_mmio) mmio_write32(mmio_base + 0x70, s);
-	else mmio_write8(common + 0x14, s);
-}
-
-static u64 get_features(void)
-{
-	u64 f = 0;
-	for (u32 i = 0; i < 2; i++) {
-		if (use_mmio) {
-			mmio_write32(mmio_base + 0x14, i);
-			f |= (u64)mmio_read32(mmio_base + 0x10) << (32 * i);
-		} else {
-			mmio_write32(common + 0x00, i);
-			f |= (u64)mmio_read32(common + 0x04) << (32 * i);
-		}
-	}
-	return f;
-}
-
-static void set_features(u64 f)
-{
-	for (u32 i = 0; i < 2; i++) {
-		if (use_mmio) {
-			mmio_write32(mmio_base + 0x24, i);
-			mmio_write32(mmio_base + 0x20, (u32)(f >> (32 * i)));
-		} else {
-			mmio_write32(common + 0x08, i);
-			mmio_write32(common + 0x0c, (u32)(f >> (32 * i)));
-		}
-	}
-}
-
-static u32 cfg32(u32 off) { return use_mmio ? mmio_read32(mmio_base + 0x100 + off) : mmio_read32(devcfg + off); }
-
-struct desc {
-	u64 addr;
-	u32 len;
-	u16 flags;
-	u16 next;
-};
-
-struct vq {
-	u16 index, size;
-	volatile struct desc *desc;
-	volatile u16 *avail;	/* flags, idx, ring[size], used_event */
-	volatile u32 *used;	/* flags|idx, {id, len}[size], avail_event */
-	u16 avail_idx, last_used;
-	u64 notify;
-};
-
-static struct desc descs[2][QSZ] __attribute__((aligned(4096)));
-static u16 avails[2][QSZ + 3] __attribute__((aligned(4096)));
-static u32 useds[2][2 * QSZ + 2] __attribute__((aligned(4096)));
+static struct vdev dev;
+static struct vring rings[2];
 static struct vq queues[2];
 
-static u16 used_idx(struct vq *vq) { return *(volatile u16 *)((u64)vq->used + 2); }
+static u8 get_status(void) { return virtio_get_status(&dev); }
+static u32 cfg32(u32 off) { return virtio_cfg32(&dev, off); }
 
 static void setup_queue(struct vq *vq, u16 index)
 {
-	vq->index = index;
-	vq->size = QSZ;
-	vq->desc = descs[index];
-	vq->avail = avails[index];
-	vq->used = useds[index];
-	u16 max;
-	if (use_mmio) {
-		mmio_write32(mmio_base + 0x30, index);
-		max = mmio_read32(mmio_base + 0x34);
-	} else {
-		mmio_write16(common + 0x16, index);
-		max = mmio_read16(common + 0x18);
-	}
+	u16 max = virtio_queue_max(&dev, index);
 	if (index == 0)
 		printf("queue_max=%u\n", max);
-	if (max < 2)
-		fail("queue too small");
-	vq->size = max < QSZ ? max : QSZ;
-	if (use_mmio) {
-		mmio_write32(mmio_base + 0x38, vq->size);
-		mmio_write32(mmio_base + 0x80, (u32)(u64)vq->desc);
-		mmio_write32(mmio_base + 0x84, 0);
-		mmio_write32(mmio_base + 0x90, (u32)(u64)vq->avail);
-		mmio_write32(mmio_base + 0x94, 0);
-		mmio_write32(mmio_base + 0xa0, (u32)(u64)vq->used);
-		mmio_write32(mmio_base + 0xa4, 0);
-		mmio_write32(mmio_base + 0x44, 1);
-		vq->notify = mmio_base + 0x50;
-	} else {
-		mmio_write16(common + 0x18, vq->size);
-		mmio_write32(common + 0x20, (u32)(u64)vq->desc);
-		mmio_write32(common + 0x24, 0);
-		mmio_write32(common + 0x28, (u32)(u64)vq->avail);
-		mmio_write32(common + 0x2c, 0);
-		mmio_write32(common + 0x30, (u32)(u64)vq->used);
-		mmio_write32(common + 0x34, 0);
-		if (use_irq) {
-			mmio_write16(common + 0x1a, 1);
-			if (mmio_read16(common + 0x1a) != 1)
-				fail("queue vector refused");
-		}
-		vq->notify = notify_base + (u64)mmio_read16(common + 0x1e) * notify_mul;
-		mmio_write16(common + 0x1c, 1);
-	}
+	virtio_queue_setup(&dev, vq, index, max, &rings[index], use_irq ? 1 : -1);
 }
 
-static void kick(struct vq *vq)
-{
-	barrier();
-	if (use_mmio) mmio_write32(vq->notify, vq->index);
-	else mmio_write16(vq->notify, vq->index);
-}
-
-/* Makes chain `head` available (no notify). */
-static void publish(struct vq *vq, u16 head)
-{
-	vq->avail[2 + vq->avail_idx % vq->size] = head;
-	barrier();	/* x86: stores are not reordered with older stores */
-	vq->avail[1] = ++vq->avail_idx;
-}
+#define kick virtio_kick
+#define publish virtio_publish
+#define used_idx virtio_used_idx
 
 static volatile u64 irq_count;
 
@@ -184,90 +60,23 @@ static void on_irq(struct trap_frame *f)
 }
 
 /* Waits until `n` more used entries exist. Returns 0 on timeout. */
-static int wait_used(struct vq *vq, u16 n)
-{
-	u16 target = vq->last_used + n;
-	if (use_irq) {
-		/* used_event: interrupt when the entry before target is used. */
-		vq->avail[2 + vq->size] = target - 1;
-		for (int i = 0; i < 100000; i++) {
-			__asm__ volatile("cli" ::: "memory");
-			if ((u16)(used_idx(vq) - vq->last_used) >= n)
-				break;
-			__asm__ volatile("sti; hlt" ::: "memory");
-		}
-		__asm__ volatile("sti" ::: "memory");
-	} else {
-		for (u32 i = 0; i < 5000000 && (u16)(used_idx(vq) - vq->last_used) < n; i++)
-			;
-	}
-	if ((u16)(used_idx(vq) - vq->last_used) < n)
-		return 0;
-	vq->last_used = target;
-	return 1;
-}
+static int wait_used(struct vq *vq, u16 n) { return virtio_wait_used(vq, n, use_irq); }
 
 /* ---- discovery ---- */
 
 static void find_pci(u32 type)
 {
-	int slot = pci_find(0x1af4, 0x1040 + type);
-	if (slot < 0)
-		fail("no virtio-pci device");
-	pci_slot = slot;
 	/* Memory decoding and bus mastering on, INTx off when interrupts come by MSI-X. */
-	pci_write16(slot, 4, 0x6 | (use_irq ? 0x400 : 0));
-	u8 cap = pci_read8(slot, 0x34);
-	for (int n = 0; cap && n < 48; n++, cap = pci_read8(slot, cap + 1)) {
-		u8 id = pci_read8(slot, cap);
-		if (id == 0x11) {
-			msix_cap = cap;
-			continue;
-		}
-		if (id != 0x09)
-			continue;
-		u8 type_ = pci_read8(slot, cap + 3);
-		u64 addr = pci_bar(slot, pci_read8(slot, cap + 4)) + pci_read32(slot, cap + 8);
-		if (addr >= 1ul << 32)
-			fail("BAR above 4 GiB");
-		if (type_ == 1 && !common) common = addr;
-		else if (type_ == 2 && !notify_base) {
-			notify_base = addr;
-			notify_mul = pci_read32(slot, cap + 16);
-		} else if (type_ == 3 && !isr_addr) isr_addr = addr;
-		else if (type_ == 4 && !devcfg) devcfg = addr;
-	}
-	if (!common || !notify_base || !isr_addr)
-		fail("virtio capabilities missing");
+	if (!virtio_find_pci(&dev, type, 0x6 | (use_irq ? 0x400 : 0)))
+		fail("no virtio-pci device");
 	printf("transport=pci\n");
 }
 
-/* virtio_mmio.device=SIZE@ADDR:IRQ (SIZE like 512 or 4K); picks the one with this device ID. */
 static void find_mmio(const char *cmdline, u32 type)
 {
-	static const char key[] = "virtio_mmio.device=";
-	for (const char *p = cmdline; *p; p++) {
-		const char *k = key, *q = p;
-		while (*k && *q == *k) k++, q++;
-		if (*k)
-			continue;
-		while (*q && *q != '@') q++;
-		if (*q != '@' || q[1] != '0' || q[2] != 'x')
-			continue;
-		u64 addr = 0;
-		for (q += 3;; q++) {
-			u32 c = *q | 0x20;
-			if (*q >= '0' && *q <= '9') addr = addr * 16 + (*q - '0');
-			else if (c >= 'a' && c <= 'f') addr = addr * 16 + c - 'a' + 10;
-			else break;
-		}
-		if (mmio_read32(addr) == 0x74726976 && mmio_read32(addr + 4) == 2 && mmio_read32(addr + 8) == type) {
-			mmio_base = addr;
-			printf("transport=mmio\n");
-			return;
-		}
-	}
-	fail("no virtio-mmio device");
+	if (!virtio_find_mmio(&dev, cmdline, type))
+		fail("no virtio-mmio device");
+	printf("transport=mmio\n");
 }
 
 static void enable_msix(void)
@@ -278,8 +87,8 @@ static void enable_msix(void)
 	mmio_write32(LAPIC + 0xf0, 0x1ff);	/* software-enable the LAPIC */
 	outb(0x21, 0xff);			/* mask the 8259s: firmware may have left the PIT ticking */
 	outb(0xa1, 0xff);
-	u32 table = pci_read32(pci_slot, msix_cap + 4);
-	msix_table = pci_bar(pci_slot, table & 7) + (table & ~7u);
+	u32 table = pci_read32(dev.pci_slot, dev.msix_cap + 4);
+	u64 msix_table = pci_bar(dev.pci_slot, table & 7) + (table & ~7u);
 	for (u32 v = 0; v < 2; v++) {
 		u64 e = msix_table + 16 * v;
 		mmio_write32(e + 0, 0xfee00000);	/* LAPIC 0 */
@@ -287,36 +96,21 @@ static void enable_msix(void)
 		mmio_write32(e + 8, v == 0 ? VEC_CONFIG : VEC_QUEUE);
 		mmio_write32(e + 12, 0);		/* unmasked */
 	}
-	pci_write16(pci_slot, msix_cap + 2, pci_read16(pci_slot, msix_cap + 2) | 0x8000);
-	mmio_write16(common + 0x10, 0);
-	if (mmio_read16(common + 0x10) != 0)
+	pci_write16(dev.pci_slot, dev.msix_cap + 2, pci_read16(dev.pci_slot, dev.msix_cap + 2) | 0x8000);
+	mmio_write16(dev.common + 0x10, 0);
+	if (mmio_read16(dev.common + 0x10) != 0)
 		fail("config vector refused");
 }
 
-/* Reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK (§3.1.1). Returns the negotiated set. */
+/* Reset, ACKNOWLEDGE, DRIVER, features, FEATURES_OK. Returns the negotiated set. */
 static u64 negotiate(u64 wanted)
 {
-	set_status(0);
-	if (get_status() != 0)
-		fail("reset");
-	set_status(ST_ACK);
-	set_status(ST_ACK | ST_DRIVER);
-	u64 offered = get_features();
-	if (!(offered & F_VERSION_1))
-		fail("no VERSION_1");
-	u64 f = offered & (wanted | F_VERSION_1);
-	set_features(f);
-	set_status(ST_ACK | ST_DRIVER | ST_FEATURES_OK);
-	if (!(get_status() & ST_FEATURES_OK))
-		fail("FEATURES_OK refused");
+	u64 f = virtio_negotiate(&dev, wanted);
 	printf("features_ok=1\n");
 	return f;
 }
 
-static void driver_ok(void)
-{
-	set_status(ST_ACK | ST_DRIVER | ST_FEATURES_OK | ST_DRIVER_OK);
-}
+static void driver_ok(void) { virtio_driver_ok(&dev); }
 
 /* ---- virtio-blk ---- */
 

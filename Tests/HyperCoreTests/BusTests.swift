@@ -3,6 +3,8 @@ import Testing
 
 /// Remembers the last access it saw.
 final class ProbeDevice: BusDevice, @unchecked Sendable {
+    func saveState() throws(SnapshotError) -> DeviceState { .stateless }
+    func restoreState(_ state: DeviceState) throws(SnapshotError) {}
     var lastWrite: (offset: UInt64, value: UInt64)?
     let readValue: UInt64
     init(readValue: UInt64 = 0) { self.readValue = readValue }

@@ -6,6 +6,8 @@ import Glibc
 
 /// A port device for realmode.bin: answers reads at 0x520 and records writes at 0x521.
 final class EchoPorts: BusDevice, @unchecked Sendable {
+    func saveState() throws(SnapshotError) -> DeviceState { .stateless }
+    func restoreState(_ state: DeviceState) throws(SnapshotError) {}
     let replies: [Int: UInt64] = [1: 0x41, 2: 0x1234, 4: 0xDEAD_BEEF]
     private let log = SpinLockedState<[(offset: UInt64, width: Int, value: UInt64)]>([])
     var writes: [(offset: UInt64, width: Int, value: UInt64)] { log.value }
@@ -21,6 +23,8 @@ final class EchoPorts: BusDevice, @unchecked Sendable {
 
 /// An MMIO device for mmio.elf: records stores, answers loads at +0x10 and +0x18.
 final class RecordingMMIO: BusDevice, @unchecked Sendable {
+    func saveState() throws(SnapshotError) -> DeviceState { .stateless }
+    func restoreState(_ state: DeviceState) throws(SnapshotError) {}
     static let read32: UInt64 = 0xCAFE_F00D
     static let read64: UInt64 = 0x1122_3344_5566_7788
     private let log = SpinLockedState<[(offset: UInt64, width: Int, value: UInt64)]>([])

@@ -6,6 +6,8 @@ import Glibc
 
 /// Records the bytes application processors write to port 0x522 (smp.elf: one byte, the AP's APIC ID).
 final class APReportPort: BusDevice, @unchecked Sendable {
+    func saveState() throws(SnapshotError) -> DeviceState { .stateless }
+    func restoreState(_ state: DeviceState) throws(SnapshotError) {}
     private let log = SpinLockedState<[UInt8]>([])
     var reports: [UInt8] { log.value }
     func read(offset: UInt64, data: UnsafeMutableRawBufferPointer) {}

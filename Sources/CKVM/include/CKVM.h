@@ -70,6 +70,8 @@ enum : unsigned long {
     CKVM_GET_MP_STATE = KVM_GET_MP_STATE,
     CKVM_SET_MP_STATE = KVM_SET_MP_STATE,
     CKVM_SET_SIGNAL_MASK = KVM_SET_SIGNAL_MASK,
+    CKVM_GET_DEBUGREGS = KVM_GET_DEBUGREGS,
+    CKVM_SET_DEBUGREGS = KVM_SET_DEBUGREGS,
     CKVM_INTERRUPT = KVM_INTERRUPT,
     CKVM_NMI = KVM_NMI,
 };
@@ -124,6 +126,12 @@ int ckvm_kick_unblock(void);
 void ckvm_thread_set_name(const char *_Nonnull name);
 /// Joins a thread, giving up after `milliseconds`. Returns 0, ETIMEDOUT or another errno value.
 int ckvm_thread_join(unsigned long thread, int milliseconds);
+
+// MARK: - Files (snapshots)
+
+/// Atomically swaps two paths (renameat2 RENAME_EXCHANGE): a new snapshot directory replaces
+/// the old one with no moment where neither exists. Returns 0 or -errno.
+int ckvm_rename_exchange(const char *_Nonnull from, const char *_Nonnull to);
 
 // MARK: - kvm_run helpers
 

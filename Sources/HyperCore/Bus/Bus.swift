@@ -4,7 +4,7 @@
 /// type works at any base address. `data.count` is the access width (1, 2, 4 or 8 bytes; string
 /// I/O arrives one element at a time). Calls come from vCPU threads, possibly several at once:
 /// a device guards its own state.
-public protocol BusDevice: AnyObject, Sendable {
+public protocol BusDevice: Snapshottable, Sendable {
     /// A guest load: fill `data` (little-endian). Bytes left untouched read as written by the bus (0xFF).
     func read(offset: UInt64, data: UnsafeMutableRawBufferPointer)
     /// A guest store of `data` (little-endian).
@@ -82,6 +82,9 @@ public final class Bus: Sendable {
     }
 
     public var registeredRanges: [BusRange] { entries.map(\.range) }
+
+    /// Every device with its range, in address order (what a snapshot walks).
+    public var registeredDevices: [(range: BusRange, device: any BusDevice)] { entries }
 }
 
 /// Collects registrations and rejects overlaps; ``build()`` freezes them into a ``Bus``.

@@ -33,6 +33,11 @@ public final class BootTimer: BusDevice, @unchecked Sendable {
 
     public init(origin: UInt64 = BootTimer.now()) { self.origin = origin }
 
+    /// Its milestones are host-side measurements of this process, not guest state; a restored
+    /// machine measures from its own start.
+    public func saveState() throws(SnapshotError) -> DeviceState { .stateless }
+    public func restoreState(_ state: DeviceState) throws(SnapshotError) {}
+
     /// CLOCK_MONOTONIC in nanoseconds.
     public static func now() -> UInt64 {
         var spec = timespec()

@@ -42,7 +42,7 @@ public final class CMOSRTC: BusDevice, @unchecked Sendable {
         return (Int64(spec.tv_sec), Int64(spec.tv_nsec))
     }
 
-    private struct State {
+    struct State: Codable, Equatable {
         var index: Int = 0
         var nmiMasked = false
         var ram = [UInt8](repeating: 0, count: 128)
@@ -86,6 +86,18 @@ public final class CMOSRTC: BusDevice, @unchecked Sendable {
         } else {
             writeData(value)
         }
+    }
+
+    /// The guest time offset is kept relative to the host's wall clock: a restored guest's RTC
+    /// reads the current time plus what the guest set, as after a real suspend.
+    public func saveState() throws(SnapshotError) -> DeviceState { try DeviceState(state.value) }
+
+    public func restoreState(_ saved: DeviceState) throws(SnapshotError) {
+        let restored = try saved.decode(State.self, device: "CMOS RTC")
+        guard restored.ram.count == 128, (0..<128).contains(restored.index) else {
+            throw .invalidState("CMOS RTC: \(restored.ram.count) bytes of RAM, index \(restored.index)")
+        }
+        state.update { $0 = restored }
     }
 
     /// Reads the selected register (also for tests).

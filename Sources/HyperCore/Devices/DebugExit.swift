@@ -10,6 +10,10 @@ public final class DebugExit: BusDevice {
 
     public func read(offset: UInt64, data: UnsafeMutableRawBufferPointer) {}
 
+    /// A write ends the run at once: nothing is latched.
+    public func saveState() throws(SnapshotError) -> DeviceState { .stateless }
+    public func restoreState(_ state: DeviceState) throws(SnapshotError) {}
+
     public func write(offset: UInt64, data: UnsafeRawBufferPointer) {
         guard offset == 0, data.count >= 1 else { return }
         onExit(data[0])

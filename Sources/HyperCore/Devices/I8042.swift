@@ -31,7 +31,7 @@ public final class I8042: BusDevice {
         static let lastWasCommand: UInt8 = 0x08
     }
 
-    struct State {
+    struct State: Codable, Equatable {
         var commandByte: UInt8 = 0x45 // keyboard interrupt, system flag, translation
         var outputPort: UInt8 = 0x01  // bit 0: reset line inactive
         var output: UInt8?
@@ -91,6 +91,13 @@ public final class I8042: BusDevice {
             }
         }
         if reset { onReset() }
+    }
+
+    public func saveState() throws(SnapshotError) -> DeviceState { try DeviceState(state.withLock { $0 }) }
+
+    public func restoreState(_ saved: DeviceState) throws(SnapshotError) {
+        let restored = try saved.decode(State.self, device: "i8042")
+        state.withLock { $0 = restored }
     }
 
     /// Applies a controller command; returns true when it resets the CPU.

@@ -4,6 +4,12 @@
 /// so a device can call ``set(high:)`` after every register access without an ioctl each time.
 public protocol InterruptLine: Sendable {
     func set(high: Bool)
+    /// The level the device last drove.
+    var isHigh: Bool { get }
+    /// Drives the level even if the line believes it is there already: a restored machine's
+    /// interrupt controller must hear it again (KVM keeps each source's level outside the irqchip
+    /// state it saves).
+    func force(high: Bool)
 }
 
 /// A line into the in-kernel irqchip (`KVM_IRQ_LINE`). GSIs 0–15 reach both the PIC and the
@@ -23,6 +29,13 @@ public final class IRQChipLine: InterruptLine, @unchecked Sendable {
         // The only failure is an invalid GSI, which is a programming error caught at assembly.
         try? vm.setInterruptLine(gsi, high: high)
     }
+
+    public var isHigh: Bool { state.value }
+
+    public func force(high: Bool) {
+        _ = state.exchange(high)
+        try? vm.setInterruptLine(gsi, high: high)
+    }
 }
 
 /// A line that goes nowhere (machines without an irqchip, unit tests). It remembers its level.
@@ -34,6 +47,7 @@ public final class RecordingLine: InterruptLine, @unchecked Sendable {
         if state.exchange(high) != high, high { edges.update { $0 += 1 } }
     }
     public var isHigh: Bool { state.value }
+    public func force(high: Bool) { set(high: high) }
     /// Number of low→high transitions seen.
     public var risingEdges: Int { edges.value }
 }

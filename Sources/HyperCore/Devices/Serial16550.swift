@@ -43,7 +43,7 @@ public final class Serial16550: BusDevice {
     /// Host input beyond this is dropped (a paste of megabytes must not grow memory without bound).
     static let hostQueueLimit = 64 * 1024
 
-    struct State {
+    struct State: Codable, Equatable {
         var divisor: UInt16 = 12 // 9600 baud from the 1.8432 MHz clock
         var interruptEnable: UInt8 = 0
         var lineControl: UInt8 = 0x03 // 8N1
@@ -102,6 +102,16 @@ public final class Serial16550: BusDevice {
         }
         if var byte = transmitted { withUnsafeBytes(of: &byte) { output.write($0) } }
         interrupt.set(high: high)
+    }
+
+    // MARK: Snapshot
+
+    public func saveState() throws(SnapshotError) -> DeviceState { try DeviceState(state.withLock { $0 }) }
+
+    public func restoreState(_ saved: DeviceState) throws(SnapshotError) {
+        let restored = try saved.decode(State.self, device: "16550 UART")
+        state.withLock { $0 = restored }
+        interrupt.force(high: Self.interruptPending(restored) != nil)
     }
 
     // MARK: Register model (pure functions over State, so the lock holds only bookkeeping)

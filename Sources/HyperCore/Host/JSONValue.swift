@@ -1,15 +1,21 @@
-/// A minimal JSON writer: HyperCore avoids Foundation to keep hvrun's memory footprint small.
-enum JSONValue: Sendable {
+/// A minimal JSON value, writer and parser (`JSONParser.swift`): HyperCore avoids Foundation to
+/// keep hvrun's memory footprint small. It carries the host report, machine snapshots' state and
+/// the control socket's messages.
+public enum JSONValue: Sendable, Equatable {
     case null
     case bool(Bool)
     case number(Int64)
+    /// An integer above `Int64.max` (MSR values, 64-bit addresses).
+    case unsignedNumber(UInt64)
+    /// A number with a fraction or exponent.
+    case double(Double)
     case string(String)
     case array([JSONValue])
     /// Keys keep their order, so output is stable and reads in a sensible order.
     case object([(String, JSONValue)])
 
     /// Compact JSON text.
-    func rendered() -> String {
+    public func rendered() -> String {
         var output = ""
         write(to: &output)
         return output
@@ -20,6 +26,8 @@ enum JSONValue: Sendable {
         case .null: output += "null"
         case .bool(let value): output += value ? "true" : "false"
         case .number(let value): output += String(value)
+        case .unsignedNumber(let value): output += String(value)
+        case .double(let value): output += value.isFinite ? String(value) : "null"
         case .string(let value): Self.writeString(value, to: &output)
         case .array(let values):
             output += "["

@@ -1,8 +1,8 @@
 internal import CKVM
 
 /// A CPUID table as `KVM_GET_SUPPORTED_CPUID` returns it and `KVM_SET_CPUID2` takes it.
-public struct CPUIDTable: Sendable, Equatable {
-    public struct Entry: Sendable, Equatable {
+public struct CPUIDTable: Sendable, Equatable, Codable {
+    public struct Entry: Sendable, Equatable, Codable {
         public var function: UInt32
         public var index: UInt32
         /// `KVM_CPUID_FLAG_*` (bit 0: the leaf is indexed by ECX).

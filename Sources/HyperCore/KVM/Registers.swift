@@ -1,7 +1,7 @@
 internal import CKVM
 
 /// General-purpose registers (`struct kvm_regs`).
-public struct Registers: Sendable, Equatable {
+public struct Registers: Sendable, Equatable, Codable {
     public var rax: UInt64 = 0, rbx: UInt64 = 0, rcx: UInt64 = 0, rdx: UInt64 = 0
     public var rsi: UInt64 = 0, rdi: UInt64 = 0, rsp: UInt64 = 0, rbp: UInt64 = 0
     public var r8: UInt64 = 0, r9: UInt64 = 0, r10: UInt64 = 0, r11: UInt64 = 0
@@ -28,7 +28,7 @@ public struct Registers: Sendable, Equatable {
 }
 
 /// A segment register as KVM holds it: the visible selector plus the hidden descriptor cache.
-public struct Segment: Sendable, Equatable {
+public struct Segment: Sendable, Equatable, Codable {
     public var base: UInt64 = 0
     public var limit: UInt32 = 0xFFFF
     public var selector: UInt16 = 0
@@ -76,7 +76,7 @@ public struct Segment: Sendable, Equatable {
 }
 
 /// Descriptor-table register (GDTR / IDTR).
-public struct DescriptorTable: Sendable, Equatable {
+public struct DescriptorTable: Sendable, Equatable, Codable {
     public var base: UInt64 = 0
     public var limit: UInt16 = 0
     public init(base: UInt64 = 0, limit: UInt16 = 0) { self.base = base; self.limit = limit }
@@ -84,7 +84,7 @@ public struct DescriptorTable: Sendable, Equatable {
 
 /// Segment, control and system registers (`struct kvm_sregs`). The interrupt bitmap is kept
 /// opaque so a get/set round trip preserves it.
-public struct SpecialRegisters: Sendable, Equatable {
+public struct SpecialRegisters: Sendable, Equatable, Codable {
     public var cs = Segment(), ds = Segment(), es = Segment(), fs = Segment(), gs = Segment(), ss = Segment()
     public var tr = Segment(), ldt = Segment()
     public var gdt = DescriptorTable(), idt = DescriptorTable()

@@ -158,7 +158,7 @@ public final class VCPU: @unchecked Sendable {
 
 /// vCPU state KVM exposes as fixed-size structs that HyperCore only saves and restores.
 public enum OpaqueStateKind: Sendable, CaseIterable {
-    case fpu, lapic, xsave, xcrs, events
+    case fpu, lapic, xsave, xcrs, events, debugRegisters
 
     var size: Int {
         switch self {
@@ -167,6 +167,7 @@ public enum OpaqueStateKind: Sendable, CaseIterable {
         case .xsave: MemoryLayout<kvm_xsave>.size
         case .xcrs: MemoryLayout<kvm_xcrs>.size
         case .events: MemoryLayout<kvm_vcpu_events>.size
+        case .debugRegisters: MemoryLayout<kvm_debugregs>.size
         }
     }
 
@@ -177,6 +178,7 @@ public enum OpaqueStateKind: Sendable, CaseIterable {
         case .xsave: CKVM_GET_XSAVE
         case .xcrs: CKVM_GET_XCRS
         case .events: CKVM_GET_VCPU_EVENTS
+        case .debugRegisters: CKVM_GET_DEBUGREGS
         }
     }
 
@@ -187,6 +189,7 @@ public enum OpaqueStateKind: Sendable, CaseIterable {
         case .xsave: CKVM_SET_XSAVE
         case .xcrs: CKVM_SET_XCRS
         case .events: CKVM_SET_VCPU_EVENTS
+        case .debugRegisters: CKVM_SET_DEBUGREGS
         }
     }
 
@@ -199,6 +202,7 @@ public enum OpaqueStateKind: Sendable, CaseIterable {
         case .xsave: "XSAVE"
         case .xcrs: "XCRS"
         case .events: "VCPU_EVENTS"
+        case .debugRegisters: "DEBUGREGS"
         }
     }
 }

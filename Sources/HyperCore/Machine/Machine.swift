@@ -29,7 +29,8 @@ public final class Machine: Sendable {
     public let mmioBus: Bus
     /// COM1.
     public let serial: Serial16550
-    public let bootState: BootState
+    /// What the boot vCPU starts from; nil for a machine restored from a snapshot.
+    public let bootState: BootState?
     /// The virtio devices' transport-independent state, in configuration order.
     public var virtioDevices: [VirtioDeviceCore] { virtio?.cores ?? [] }
     let virtio: VirtioAssembly?
@@ -38,8 +39,17 @@ public final class Machine: Sendable {
     private let threads = Mutex<[UInt]>([])
     private let started = Atomic<Bool>(false)
     private let joined = Mutex<Bool>(false)
+    /// Serialises pause, resume and snapshot; guards `control`'s state.
+    let control = ControlState()
+    /// The snapshot being restored, until ``start(paused:)`` has put its state back.
+    let restorePlan: RestorePlan?
 
-    public init(_ configuration: MachineConfiguration) throws(MachineError) {
+    public convenience init(_ configuration: MachineConfiguration) throws(MachineError) {
+        try self.init(configuration, restoring: nil)
+    }
+
+    init(_ configuration: MachineConfiguration, restoring plan: RestorePlan?) throws(MachineError) {
+        restorePlan = plan
         guard (1...MachineConfiguration.maximumCPUs).contains(configuration.cpuCount) else {
             throw .invalidConfiguration("--cpus must be between 1 and \(MachineConfiguration.maximumCPUs), not \(configuration.cpuCount)")
         }
@@ -54,7 +64,7 @@ public final class Machine: Sendable {
             try vm.setTSSAddress(GuestLayout.tssAddress)
             // Slots before the irqchip: adding a slot to a VM that already has one costs
             // milliseconds more (measured: about 5.5 ms on a PVM host).
-            memory = try GuestMemory(size: configuration.memorySize)
+            memory = try plan?.memory ?? GuestMemory(size: configuration.memorySize)
             try vm.map(memory)
             if configuration.inKernelIRQChip {
                 try vm.createInterruptController()
@@ -98,6 +108,11 @@ public final class Machine: Sendable {
         portBus = ports.build()
         mmioBus = mmio.build()
 
+        if plan != nil {
+            // Guest RAM already holds the firmware tables, the kernel and everything since.
+            bootState = nil
+            return
+        }
         do {
             try PlatformDevices.writeFirmwareTables(configuration: configuration, cpuid: cpuid, into: memory)
             switch configuration.boot {
@@ -121,15 +136,18 @@ public final class Machine: Sendable {
 
     deinit { stop() }
 
-    /// Creates the vCPUs on their threads and starts them.
-    public func start() throws(MachineError) {
+    /// Creates the vCPUs on their threads and starts them; with `paused`, they stop before their
+    /// first instruction and wait for ``resume()``. A restored machine gets its saved state back
+    /// here, before any vCPU runs.
+    public func start(paused: Bool = false) throws(MachineError) {
         guard !started.exchange(true, ordering: .acquiringAndReleasing) else { throw .alreadyStarted }
         let gate = StartGate()
         var spawned: [UInt] = []
         for id in 0..<UInt32(configuration.cpuCount) {
             let context = VCPUContext(id: id, vm: vm, memory: memory, portBus: portBus, mmioBus: mmioBus,
                                       cpuid: cpuid.forVCPU(id, count: UInt32(configuration.cpuCount)),
-                                      boot: id == 0 ? bootState : nil, lifecycle: lifecycle, ready: gate)
+                                      boot: id == 0 ? bootState : nil, restore: restorePlan?.snapshot.vcpus[Int(id)],
+                                      lifecycle: lifecycle, ready: gate)
             do {
                 spawned.append(UInt(try spawnVCPUThread(context)))
             } catch {
@@ -138,13 +156,23 @@ public final class Machine: Sendable {
             }
         }
         threads.withLock { $0 = spawned }
-        if let error = gate.waitForArrivals(spawned.count + (spawned.count < configuration.cpuCount ? 1 : 0)) {
+        var failure = gate.waitForArrivals(spawned.count + (spawned.count < configuration.cpuCount ? 1 : 0))
+        if failure == nil, let plan = restorePlan {
+            do throws(SnapshotError) { try restoreMachineState(plan) } catch { failure = .restore(error) }
+        }
+        if let error = failure {
             gate.release(go: false)
             lifecycle.finish(.hostError(error.description))
             joinThreads()
             throw error
         }
+        control.begin(paused: paused, pause: restorePlan.map { PauseRecord(snapshot: $0.snapshot) })
+        if paused { lifecycle.requestPause() }
         gate.release(go: true)
+        if paused {
+            virtio?.cores.forEach { $0.quiesce() }
+            _ = lifecycle.pauseAll()
+        }
     }
 
     /// Blocks until the run ends. With a `timeout`, a run still going at the deadline is stopped
@@ -161,6 +189,19 @@ public final class Machine: Sendable {
         joinThreads()
         virtio?.shutdown()
         return lifecycle.exit.current ?? .stopped
+    }
+
+    /// Waits for the run to end without stopping it at a deadline: returns nil if it has not
+    /// ended by then (a control loop polls with this).
+    public func waitForExit(timeout: Duration) -> MachineExit? {
+        let (seconds, attoseconds) = timeout.components
+        let nanoseconds = UInt64(max(0, seconds)) * 1_000_000_000 + UInt64(max(0, attoseconds) / 1_000_000_000)
+        return lifecycle.exit.wait(untilNanoseconds: monotonicNanoseconds() &+ nanoseconds)
+    }
+
+    /// Ends the run with `reason` (when it has not ended already) and stops the vCPUs.
+    public func finish(_ reason: MachineExit) {
+        lifecycle.finish(reason)
     }
 
     /// Starts the machine and waits for it: the one-shot way to run a guest.

@@ -91,6 +91,10 @@ public enum MachineError: Error, Sendable, CustomStringConvertible {
     case vcpuSetup(vcpu: UInt32, KVMError)
     case thread(errno: Int32)
     case alreadyStarted
+    /// The operation does not fit the machine's state (pause before start, resume after the end).
+    case wrongState(String)
+    /// A snapshot's state could not be put back.
+    case restore(SnapshotError)
 
     public var description: String {
         switch self {
@@ -104,6 +108,8 @@ public enum MachineError: Error, Sendable, CustomStringConvertible {
         case let .vcpuSetup(vcpu, error): "setting up vCPU \(vcpu): \(error)"
         case let .thread(errno): "could not start a vCPU thread: \(SystemError.describe(errno))"
         case .alreadyStarted: "the machine was already started"
+        case let .wrongState(message): message
+        case let .restore(error): error.description
         }
     }
 }

@@ -4,27 +4,86 @@ internal import Synchronization
 internal import Glibc
 #endif
 
-/// State shared by a machine's vCPU threads: the stop flag, the first exit, and the thread
-/// handles used to kick vCPUs out of `KVM_RUN`.
-final class Lifecycle: Sendable {
+/// State shared by a machine's vCPU threads: the stop flag, the first exit, the thread handles
+/// used to kick vCPUs out of `KVM_RUN`, and the parking place where paused vCPUs wait.
+///
+/// Pausing: ``pauseAll()`` raises the pause flag and kicks every vCPU; a vCPU parks only after
+/// `KVM_RUN` returned `EINTR`, i.e. after KVM re-entered it with `immediate_exit` set, which
+/// completes any port or MMIO access the last exit left half done (KVM's rule before reading
+/// vCPU state). Parked threads stay alive and keep their vCPUs; ``resumeAll()`` lets them go on.
+final class Lifecycle: @unchecked Sendable {
     private let stopFlag = Atomic<Bool>(false)
+    private let pauseFlag = Atomic<Bool>(false)
     let exit = OneShot<MachineExit>()
     /// pthread handles of vCPU threads that have not finished.
     private let running = Mutex<[UInt32: UInt]>([:])
+    /// The vCPUs, once their threads created them (for state capture while parked).
+    private let vcpus = Mutex<[UInt32: VCPU]>([:])
+    private let parking = PthreadCondition()
+    /// vCPU threads waiting in ``park()`` (guarded by `parking.lock`).
+    private var parked = 0
 
     var stopRequested: Bool { stopFlag.load(ordering: .acquiring) }
+    var pauseRequested: Bool { pauseFlag.load(ordering: .acquiring) }
 
-    /// Records how the run ended (the first caller wins) and stops every vCPU.
+    /// Records how the run ended (the first caller wins) and stops every vCPU, parked ones too.
     func finish(_ reason: MachineExit) {
         exit.complete(reason)
         stopFlag.store(true, ordering: .releasing)
         kickAll()
+        parking.lock.withLock { parking.broadcast() }
+    }
+
+    func register(vcpu: VCPU) { vcpus.withLock { $0[vcpu.id] = vcpu } }
+
+    /// The vCPUs in ID order.
+    var allVCPUs: [VCPU] { vcpus.withLock { $0.values.sorted { $0.id < $1.id } } }
+
+    /// Sets the pause flag before the vCPUs are released, so they park before their first run.
+    func requestPause() { pauseFlag.store(true, ordering: .releasing) }
+
+    /// Kicks every vCPU out of `KVM_RUN` and waits until all live ones are parked. Returns false
+    /// when the run ended meanwhile.
+    func pauseAll() -> Bool {
+        pauseFlag.store(true, ordering: .releasing)
+        kickAll()
+        return parking.lock.withLock {
+            while true {
+                if stopRequested { return false }
+                if parked >= running.withLock({ $0.count }) { return true }
+                // A vCPU that just left KVM_RUN for an exit sees immediate_exit on its next entry;
+                // the periodic re-kick only covers a thread that was between registration and its
+                // first KVM_RUN.
+                _ = parking.wait(untilNanoseconds: monotonicNanoseconds() + 20_000_000)
+                if !stopRequested, parked < running.withLock({ $0.count }) { kickAll() }
+            }
+        }
+    }
+
+    func resumeAll() {
+        parking.lock.withLock {
+            pauseFlag.store(false, ordering: .releasing)
+            parking.broadcast()
+        }
+    }
+
+    /// Called by a vCPU thread out of `KVM_RUN` (with no access pending) while a pause is asked.
+    func park() {
+        parking.lock.withLock {
+            parked += 1
+            parking.broadcast()
+            while pauseFlag.load(ordering: .acquiring) && !stopFlag.load(ordering: .acquiring) { _ = parking.wait() }
+            parked -= 1
+        }
     }
 
     func register(vcpu: UInt32, thread: UInt) { running.withLock { $0[vcpu] = thread } }
 
     /// Called by a vCPU thread as it leaves; after this it is never signalled.
-    func unregister(vcpu: UInt32) { running.withLock { _ = $0.removeValue(forKey: vcpu) } }
+    func unregister(vcpu: UInt32) {
+        running.withLock { _ = $0.removeValue(forKey: vcpu) }
+        parking.lock.withLock { parking.broadcast() }
+    }
 
     /// Signals every running vCPU thread. Holding the lock guarantees none of them is gone.
     func kickAll() {
@@ -43,11 +102,13 @@ final class VCPUContext: @unchecked Sendable {
     let mmioBus: Bus
     let cpuid: CPUIDTable
     let boot: BootState?
+    /// The state to give the vCPU instead of a boot state (a restored machine).
+    let restore: VCPUState?
     let lifecycle: Lifecycle
     let ready: StartGate
 
     init(id: UInt32, vm: VirtualMachine, memory: GuestMemory, portBus: Bus, mmioBus: Bus, cpuid: CPUIDTable,
-         boot: BootState?, lifecycle: Lifecycle, ready: StartGate) {
+         boot: BootState?, restore: VCPUState?, lifecycle: Lifecycle, ready: StartGate) {
         self.id = id
         self.vm = vm
         self.memory = memory
@@ -55,6 +116,7 @@ final class VCPUContext: @unchecked Sendable {
         self.mmioBus = mmioBus
         self.cpuid = cpuid
         self.boot = boot
+        self.restore = restore
         self.lifecycle = lifecycle
         self.ready = ready
     }
@@ -99,6 +161,7 @@ enum VCPURunLoop {
             return
         }
         ckvm_kick_register(vcpu.run)
+        context.lifecycle.register(vcpu: vcpu)
         context.lifecycle.register(vcpu: context.id, thread: UInt(pthread_self()))
         defer {
             context.lifecycle.unregister(vcpu: context.id)
@@ -111,6 +174,11 @@ enum VCPURunLoop {
 
     private static func configure(_ context: VCPUContext) throws(KVMError) -> VCPU {
         let vcpu = try context.vm.createVCPU(id: context.id)
+        if let saved = context.restore {
+            try vcpu.setCPUID(saved.cpuid)
+            try vcpu.restoreState(saved)
+            return vcpu
+        }
         try vcpu.setCPUID(context.cpuid)
         try CPUSetup.configure(vcpu, isBoot: context.id == 0)
         if let boot = context.boot {
@@ -127,15 +195,18 @@ enum VCPURunLoop {
         let run = vcpu.run
         let lifecycle = context.lifecycle
         let fd = vcpu.fileDescriptor
+        // A machine started paused (a restore with --paused) parks before its first instruction.
+        if lifecycle.pauseRequested { lifecycle.park() }
         while !lifecycle.stopRequested {
             if ckvm_ioctl(fd, CKVM_RUN) < 0 {
                 switch ckvm_errno() {
                 case EINTR:
-                    // A kick (or a stray signal): clear the flag and look at the stop request.
+                    // A kick (or a stray signal): clear the flag and look at the stop and pause requests.
                     run.pointee.immediate_exit = 0
+                    if lifecycle.pauseRequested { lifecycle.park() }
                 case EAGAIN:
                     // An application processor not yet started by INIT/SIPI (seen on PVM hosts).
-                    sched_yield()
+                    if lifecycle.pauseRequested { lifecycle.park() } else { sched_yield() }
                 case let code:
                     lifecycle.finish(.hostError("KVM_RUN on vCPU \(context.id) failed: \(SystemError.describe(code))"))
                 }

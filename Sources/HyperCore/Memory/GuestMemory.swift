@@ -27,6 +27,8 @@ public final class GuestMemory: @unchecked Sendable {
         public let slot: UInt32
         /// Host virtual address of the mapping, as an integer (pointers are not Sendable).
         public let hostAddress: UInt
+        /// Where the region's bytes sit in a snapshot's memory file: regions back to back, in order.
+        public let fileOffset: UInt64
 
         public var guestEnd: UInt64 { guestAddress + size }
         public func contains(_ address: UInt64) -> Bool { address >= guestAddress && address < guestEnd }
@@ -35,36 +37,50 @@ public final class GuestMemory: @unchecked Sendable {
     public let regions: [Region]
     /// Total RAM in bytes.
     public let size: UInt64
+    /// The snapshot memory file the RAM is a private (copy-on-write) mapping of, when the machine
+    /// was restored lazily; nil for anonymous RAM. Kept open: a later snapshot reads the pages the
+    /// guest has not touched since from it.
+    public let backingFile: Int32?
 
-    /// Maps `size` bytes of RAM, split around the MMIO hole.
+    /// Maps `size` bytes of RAM, split around the MMIO hole: anonymous memory, or with `file` a
+    /// private mapping of a snapshot's memory file (pages load on first touch; the file is never
+    /// written). The memory takes ownership of `file`.
     ///
     /// - Parameter size: at least 1 MiB and a multiple of 4 KiB.
-    public init(size: UInt64) throws(GuestMemoryError) {
+    public init(size: UInt64, mapping file: Int32? = nil) throws(GuestMemoryError) {
         guard size >= 1 << 20, size % 4096 == 0 else { throw .invalidSize(size) }
         guard size <= GuestLayout.maximumRAM else { throw .invalidSize(size) }
         var regions: [Region] = []
         var slot: UInt32 = 0
+        var fileOffset: UInt64 = 0
         for (start, length) in GuestLayout.ramRanges(size: size) {
             // MAP_NORESERVE: a large guest costs only the pages it touches.
-            let mapping = mmap(nil, Int(length), PROT_READ | PROT_WRITE,
-                               MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+            let mapping = if let file {
+                mmap(nil, Int(length), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_NORESERVE, file, off_t(fileOffset))
+            } else {
+                mmap(nil, Int(length), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0)
+            }
             guard let mapping, mapping != MAP_FAILED else {
                 let code = errno
                 for region in regions { munmap(UnsafeMutableRawPointer(bitPattern: region.hostAddress), Int(region.size)) }
+                if let file { close(file) }
                 throw .mapFailed(size: length, errno: code)
             }
             regions.append(Region(guestAddress: start, size: length, slot: slot,
-                                  hostAddress: UInt(bitPattern: mapping)))
+                                  hostAddress: UInt(bitPattern: mapping), fileOffset: fileOffset))
             slot += 1
+            fileOffset += length
         }
         self.regions = regions
         self.size = size
+        backingFile = file
     }
 
     deinit {
         for region in regions {
             munmap(UnsafeMutableRawPointer(bitPattern: region.hostAddress), Int(region.size))
         }
+        if let backingFile { close(backingFile) }
     }
 
     // MARK: Translation

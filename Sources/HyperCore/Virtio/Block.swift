@@ -71,6 +71,14 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     }
 
     public func activate(_ context: VirtioDeviceContext) { negotiated = context.features }
+
+    /// Requests complete before a pause (the core quiesces under its lock), so only the
+    /// negotiated features remain; the disk's contents are the disk's.
+    struct State: Codable, Equatable { var negotiated: UInt64 }
+    public func saveState() throws(SnapshotError) -> DeviceState { try DeviceState(State(negotiated: negotiated)) }
+    public func restoreState(_ state: DeviceState) throws(SnapshotError) {
+        negotiated = try state.decode(State.self, device: "virtio-blk").negotiated
+    }
     public func reset() { negotiated = 0 }
 
     public func queueNotified(_ index: Int, _ context: VirtioDeviceContext) throws(VirtqueueError) {

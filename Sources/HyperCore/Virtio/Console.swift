@@ -37,6 +37,17 @@ public final class VirtioConsole: VirtioDevice, @unchecked Sendable {
     }
 
     public func activate(_ context: VirtioDeviceContext) { self.context = context }
+
+    /// Host input already read but not yet delivered to the guest. (Whether the host's input
+    /// reached end of file is about this process's descriptor, not the guest: a restored
+    /// machine reads its new input from the start.)
+    struct State: Codable, Equatable { var pending: HexBytes }
+    public func saveState() throws(SnapshotError) -> DeviceState { try DeviceState(State(pending: HexBytes(pending))) }
+    public func restoreState(_ state: DeviceState) throws(SnapshotError) {
+        let restored = try state.decode(State.self, device: "virtio-console")
+        guard restored.pending.bytes.count <= Self.pendingLimit else { throw .invalidState("virtio-console: too much pending input") }
+        pending = restored.pending.bytes
+    }
     public func reset() {
         context = nil
         pending.removeAll()

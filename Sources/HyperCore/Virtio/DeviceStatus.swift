@@ -36,7 +36,7 @@ public enum VirtioDeviceType {
 ///
 /// Threading: `queueNotified`, `inputReady` and `activate` run on the device's I/O thread or under
 /// the core's lock; config reads and writes come from vCPU threads under the same lock.
-public protocol VirtioDevice: AnyObject, Sendable {
+public protocol VirtioDevice: Snapshottable, Sendable {
     var deviceType: UInt16 { get }
     /// Device-specific feature bits (the core adds VERSION_1, EVENT_IDX and INDIRECT_DESC).
     var deviceFeatures: UInt64 { get }
@@ -117,6 +117,8 @@ public final class VirtioDeviceCore: @unchecked Sendable {
     /// The first ring error since the last reset, for diagnostics and tests.
     public private(set) var lastError: VirtqueueError?
     private var inputPaused = false
+    /// Set while the machine is paused: no request is processed (see ``quiesce()``).
+    private var quiesced = false
 
     weak var interrupts: (any VirtioInterrupts)?
     private(set) var ioThread: VirtioIOThread?
@@ -213,10 +215,7 @@ public final class VirtioDeviceCore: @unchecked Sendable {
                 return
             }
         }
-        let context = VirtioDeviceContext(features: driverFeatures, queues: queues, memory: memory) { [weak self] index in
-            guard let self, let interrupts = self.interrupts else { return }
-            interrupts.queueInterrupt(vector: self.queues[index].vector)
-        }
+        let context = makeContext()
         self.context = context
         device.activate(context)
         // Notifies that arrived before DRIVER_OK (or ring contents set up before it) get looked at.
@@ -250,7 +249,95 @@ public final class VirtioDeviceCore: @unchecked Sendable {
     }
 
     var isLive: Bool {
-        context != nil && status & (VirtioStatus.needsReset.rawValue | VirtioStatus.failed.rawValue) == 0
+        !quiesced && context != nil && status & (VirtioStatus.needsReset.rawValue | VirtioStatus.failed.rawValue) == 0
+    }
+
+    // MARK: Pause and snapshot
+
+    /// Stops processing: on return no request is in flight (requests are served under ``lock``,
+    /// which this takes) and none starts until ``unquiesce()``; host input is no longer read.
+    func quiesce() {
+        lock.withLock {
+            quiesced = true
+            pauseInput()
+        }
+    }
+
+    /// Processing resumes; notifies that arrived meanwhile are looked at.
+    func unquiesce() {
+        lock.withLock {
+            quiesced = false
+            resumeInputIfPaused()
+        }
+        for fd in queueEvents { _ = ckvm_eventfd_signal(fd) }
+    }
+
+    struct State: Codable, Equatable {
+        var deviceType: UInt16
+        var status: UInt8
+        var deviceFeatureSelect: UInt32
+        var driverFeatureSelect: UInt32
+        var driverFeatures: UInt64
+        var queueSelect: UInt16
+        var configVector: UInt16
+        var configGeneration: UInt8
+        /// DRIVER_OK was accepted and the device has not been reset or broken since.
+        var live: Bool
+        var lastError: VirtqueueError?
+        var queues: [Virtqueue.State]
+        var device: DeviceState
+    }
+
+    func saveState() throws(SnapshotError) -> State {
+        try lock.withLock { () throws(SnapshotError) in
+            State(deviceType: device.deviceType, status: status, deviceFeatureSelect: deviceFeatureSelect,
+                  driverFeatureSelect: driverFeatureSelect, driverFeatures: driverFeatures, queueSelect: queueSelect,
+                  configVector: configVector, configGeneration: configGeneration, live: context != nil,
+                  lastError: lastError, queues: queues.map(\.state), device: try device.saveState())
+        }
+    }
+
+    /// Restores a device of the same type and queue count; a live device gets its queues back
+    /// at their saved ring positions and its model re-activated with the negotiated features.
+    func restoreState(_ state: State) throws(SnapshotError) {
+        let name = "virtio device type \(device.deviceType)"
+        guard state.deviceType == device.deviceType, state.queues.count == queues.count else {
+            throw .invalidState("\(name): the snapshot holds type \(state.deviceType) with \(state.queues.count) queues")
+        }
+        guard state.driverFeatures & ~offeredFeatures == 0 else {
+            throw .invalidState("\(name): negotiated features 0x\(String(state.driverFeatures, radix: 16)) were not offered")
+        }
+        try lock.withLock { () throws(SnapshotError) in
+            device.reset()
+            context = nil
+            status = state.status
+            deviceFeatureSelect = state.deviceFeatureSelect
+            driverFeatureSelect = state.driverFeatureSelect
+            driverFeatures = state.driverFeatures
+            queueSelect = state.queueSelect
+            configVector = state.configVector
+            configGeneration = state.configGeneration
+            lastError = state.lastError
+            for (queue, saved) in zip(queues, state.queues) {
+                do throws(VirtqueueError) { try queue.restore(saved) } catch {
+                    throw .invalidState("\(name): \(error)")
+                }
+            }
+            if state.live {
+                let context = makeContext()
+                self.context = context
+                device.activate(context)
+            }
+            try device.restoreState(state.device)
+        }
+        for fd in queueEvents { _ = ckvm_eventfd_signal(fd) }
+    }
+
+    private func makeContext() -> VirtioDeviceContext {
+        VirtioDeviceContext(features: driverFeatures, queues: queues, memory: memory) { [weak self] index in
+            guard let self, let interrupts = self.interrupts else { return }
+            interrupts.queueInterrupt(vector: self.queues[index].vector)
+        }
     }
 
     // MARK: I/O thread entry points
@@ -293,7 +380,7 @@ public final class VirtioDeviceCore: @unchecked Sendable {
         }
     }
 
-    private func pauseInput() {
+    fileprivate func pauseInput() {
         guard !inputPaused else { return }
         inputPaused = true
         ioThread?.setInputWatched(false)

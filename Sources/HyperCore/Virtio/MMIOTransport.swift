@@ -130,6 +130,24 @@ public final class VirtioMMIOTransport: BusDevice, VirtioInterrupts, @unchecked 
         }
     }
 
+    struct State: Codable, Equatable {
+        var interruptStatus: UInt32
+        var lineHigh: Bool
+        var core: VirtioDeviceCore.State
+    }
+
+    public func saveState() throws(SnapshotError) -> DeviceState {
+        try DeviceState(State(interruptStatus: interruptStatus.load(ordering: .acquiring), lineHigh: line.isHigh,
+                              core: try core.saveState()))
+    }
+
+    public func restoreState(_ saved: DeviceState) throws(SnapshotError) {
+        let state = try saved.decode(State.self, device: "virtio-mmio at 0x\(String(base, radix: 16))")
+        try core.restoreState(state.core)
+        interruptStatus.store(state.interruptStatus, ordering: .releasing)
+        line.force(high: state.lineHigh)
+    }
+
     public func queueInterrupt(vector: UInt16) { raise(1) }
     public func configInterrupt(vector: UInt16) { raise(2) }
 

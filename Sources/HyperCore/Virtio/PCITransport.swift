@@ -275,6 +275,35 @@ public final class VirtioPCITransport: PCIDevice, VirtioInterrupts, @unchecked S
         return false
     }
 
+    // MARK: Snapshot
+
+    struct State: Codable, Equatable {
+        var configuration: PCIConfigSpace.State
+        var msix: MSIXVectors.State
+        var isr: UInt8
+        var intxHigh: Bool
+        var core: VirtioDeviceCore.State
+    }
+
+    public func saveState() throws(SnapshotError) -> DeviceState {
+        try DeviceState(State(configuration: space.withLock { $0.state }, msix: msix.state,
+                              isr: isr.load(ordering: .acquiring), intxHigh: intx.isHigh, core: try core.saveState()))
+    }
+
+    public func restoreState(_ saved: DeviceState) throws(SnapshotError) {
+        let name = "virtio-pci \(core.device.deviceType)"
+        let state = try saved.decode(State.self, device: name)
+        let virtioBase = try space.withLock { space throws(SnapshotError) in
+            try space.restore(state.configuration, device: name)
+            return space.barAddress(Self.virtioBar)
+        }
+        try msix.restore(state.msix)
+        try core.restoreState(state.core)
+        isr.store(state.isr, ordering: .releasing)
+        intx.force(high: state.intxHigh)
+        if let virtioBase { registerNotify(at: virtioBase + Self.notifyOffset) }
+    }
+
     // MARK: Interrupts
 
     public func queueInterrupt(vector: UInt16) { raise(vector: vector, isrBit: 1) }

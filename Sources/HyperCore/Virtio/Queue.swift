@@ -2,7 +2,7 @@ internal import CKVM
 
 /// Why a virtqueue stopped. Every case is the driver's fault (or an attacker's): the device sets
 /// NEEDS_RESET and processes nothing more on that device until the driver resets it.
-public enum VirtqueueError: Error, Equatable, Sendable, CustomStringConvertible {
+public enum VirtqueueError: Error, Equatable, Sendable, Codable, CustomStringConvertible {
     case notReady
     case invalidSize(UInt16, maximum: UInt16)
     case misalignedRing(String, address: UInt64)
@@ -172,6 +172,51 @@ public final class Virtqueue: @unchecked Sendable {
             throw .ringOutsideMemory(name, address: address, length: UInt64(length))
         }
         return pointer
+    }
+
+    // MARK: Snapshot
+
+    /// Everything the driver programmed and the device's position in the rings. The ring
+    /// pointers are not state: they are translated again from the addresses on restore.
+    struct State: Codable, Equatable {
+        var size: UInt16
+        var descriptorTableAddress: UInt64
+        var availableRingAddress: UInt64
+        var usedRingAddress: UInt64
+        var enabled: Bool
+        var vector: UInt16
+        var isActive: Bool
+        var lastAvailableIndex: UInt16
+        var usedIndex: UInt16
+        var lastSignalledUsed: UInt16
+        var availableIndexAtLastLook: UInt16
+        var eventIndex: Bool
+        var indirect: Bool
+    }
+
+    var state: State {
+        State(size: size, descriptorTableAddress: descriptorTableAddress, availableRingAddress: availableRingAddress,
+              usedRingAddress: usedRingAddress, enabled: enabled, vector: vector, isActive: isActive,
+              lastAvailableIndex: lastAvailableIndex, usedIndex: usedIndex, lastSignalledUsed: lastSignalledUsed,
+              availableIndexAtLastLook: availableIndexAtLastLook, eventIndex: eventIndex, indirect: indirect)
+    }
+
+    /// Puts the queue back where it was; an active queue's rings must still be valid guest RAM.
+    func restore(_ state: State) throws(VirtqueueError) {
+        deactivate()
+        guard state.size <= maximumSize else { throw .invalidSize(state.size, maximum: maximumSize) }
+        size = state.size
+        descriptorTableAddress = state.descriptorTableAddress
+        availableRingAddress = state.availableRingAddress
+        usedRingAddress = state.usedRingAddress
+        enabled = state.enabled
+        vector = state.vector
+        guard state.isActive else { return }
+        try activate(eventIndex: state.eventIndex, indirect: state.indirect)
+        lastAvailableIndex = state.lastAvailableIndex
+        usedIndex = state.usedIndex
+        lastSignalledUsed = state.lastSignalledUsed
+        availableIndexAtLastLook = state.availableIndexAtLastLook
     }
 
     // MARK: Available ring

@@ -15,6 +15,9 @@ public final class VirtioEntropy: VirtioDevice, @unchecked Sendable {
     public func readConfig(offset: Int, into data: UnsafeMutableRawBufferPointer) {}
     public func activate(_ context: VirtioDeviceContext) {}
     public func reset() {}
+    /// Each request is answered from getrandom as it comes: nothing carries over.
+    public func saveState() throws(SnapshotError) -> DeviceState { .stateless }
+    public func restoreState(_ state: DeviceState) throws(SnapshotError) {}
 
     public func queueNotified(_ index: Int, _ context: VirtioDeviceContext) throws(VirtqueueError) {
         if try context.queues[index].drain({ chain in

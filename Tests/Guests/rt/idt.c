@@ -30,6 +30,12 @@ void idt_init(void)
 			.offset_high = stub >> 32,
 		};
 	}
+	idt_load();
+}
+
+/* Loads the (already built) IDT on this CPU: APs share the BSP's. */
+void idt_load(void)
+{
 	struct {
 		u16 limit;
 		u64 base;

@@ -109,6 +109,7 @@ struct trap_frame {
 };
 typedef void (*trap_handler)(struct trap_frame *f);
 void idt_init(void);
+void idt_load(void);
 void idt_set_handler(u8 vector, trap_handler h);
 
 /* pci.c: configuration mechanism #1, bus 0. */

@@ -231,6 +231,34 @@ public final class MSIXVectors: @unchecked Sendable {
         }
     }
 
+    // MARK: Snapshot
+
+    struct State: Codable, Equatable {
+        var table: [UInt32]
+        var pending: [Bool]
+        var enabled: Bool
+        var functionMasked: Bool
+    }
+
+    var state: State { lock.withLock { State(table: table, pending: pending, enabled: enabled, functionMasked: functionMasked) } }
+
+    /// Takes the saved vectors and re-programs the routes of those that can fire (a new process
+    /// has an empty GSI routing table); pending vectors stay pending, nothing fires.
+    func restore(_ state: State) throws(SnapshotError) {
+        guard state.table.count == 4 * count, state.pending.count == count else {
+            throw .invalidState("MSI-X: \(state.pending.count) vectors in the snapshot, \(count) here")
+        }
+        lock.withLock {
+            table = state.table
+            pending = state.pending
+            enabled = state.enabled
+            functionMasked = state.functionMasked
+            dirty = Array(repeating: true, count: count)
+            guard enabled else { return }
+            for vector in 0..<count where table[4 * vector + 3] & 1 == 0 { commit(vector) }
+        }
+    }
+
     public func isMasked(_ vector: Int) -> Bool { lock.withLock { table[4 * vector + 3] & 1 != 0 } }
 
     private func commit(_ vector: Int) {

@@ -94,6 +94,30 @@ public struct PCIConfigSpace: Sendable {
         return offset
     }
 
+    // MARK: Snapshot
+
+    /// What the guest can change is all in `bytes` (BAR addresses, command, capability registers);
+    /// the write masks and BAR sizes come from construction, so a restore checks them unchanged.
+    struct State: Codable, Equatable {
+        var bytes: HexBytes
+    }
+
+    var state: State { State(bytes: HexBytes(bytes)) }
+
+    /// Takes the saved bytes. Read-only bytes (identity, capability layout) must match: a
+    /// snapshot of another device type or layout is refused.
+    mutating func restore(_ state: State, device: String) throws(SnapshotError) {
+        let saved = state.bytes.bytes
+        guard saved.count == 256 else { throw .invalidState("\(device): configuration space of \(saved.count) bytes") }
+        for offset in 0..<256 where offset < 0x10 || offset >= 0x28 {
+            let fixed = ~writable[offset]
+            guard saved[offset] & fixed == bytes[offset] & fixed || offset == 0x06 || offset == 0x07 else {
+                throw .invalidState("\(device): configuration byte 0x\(String(offset, radix: 16)) is 0x\(String(saved[offset], radix: 16)) in the snapshot, 0x\(String(bytes[offset], radix: 16)) here (another device?)")
+            }
+        }
+        bytes = saved
+    }
+
     // MARK: Guest access
 
     public var command: UInt16 { get16(0x04) }

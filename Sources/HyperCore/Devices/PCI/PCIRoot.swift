@@ -1,7 +1,7 @@
 internal import Synchronization
 
 /// A function on PCI bus 0.
-public protocol PCIDevice: AnyObject, Sendable {
+public protocol PCIDevice: Snapshottable, Sendable {
     func configRead(offset: Int, into data: UnsafeMutableRawBufferPointer)
     func configWrite(offset: Int, from data: UnsafeRawBufferPointer)
     /// The BAR and offset decoding guest-physical `address`, when memory decoding is on.
@@ -38,6 +38,11 @@ final class PCIHostBridge: PCIDevice, @unchecked Sendable {
     func decode(_ address: UInt64) -> (bar: Int, offset: UInt64)? { nil }
     func barRead(_ bar: Int, offset: UInt64, into data: UnsafeMutableRawBufferPointer) {}
     func barWrite(_ bar: Int, offset: UInt64, from data: UnsafeRawBufferPointer) {}
+    func saveState() throws(SnapshotError) -> DeviceState { try DeviceState(space.withLock { $0.state }) }
+    func restoreState(_ state: DeviceState) throws(SnapshotError) {
+        let restored = try state.decode(PCIConfigSpace.State.self, device: "PCI host bridge")
+        try space.withLock { space throws(SnapshotError) in try space.restore(restored, device: "PCI host bridge") }
+    }
 }
 
 /// Configuration mechanism #1: the address register at 0xCF8 and the data window at 0xCFC–0xCFF
@@ -49,6 +54,28 @@ public final class PCIConfigPorts: BusDevice, Sendable {
     private let address = Atomic<UInt32>(0)
 
     public init(root: PCIRoot) { self.root = root }
+
+    struct State: Codable, Equatable {
+        var address: UInt32
+        /// Every slot's function, host bridge first: the PCI functions' state lives here, once.
+        var functions: [DeviceState]
+    }
+
+    public func saveState() throws(SnapshotError) -> DeviceState {
+        var functions: [DeviceState] = []
+        for device in root.allDevices { functions.append(try device.saveState()) }
+        return try DeviceState(State(address: address.load(ordering: .relaxed), functions: functions))
+    }
+
+    public func restoreState(_ saved: DeviceState) throws(SnapshotError) {
+        let state = try saved.decode(State.self, device: "PCI configuration ports")
+        let devices = root.allDevices
+        guard state.functions.count == devices.count else {
+            throw .invalidState("PCI: the snapshot has \(state.functions.count) functions, this machine \(devices.count)")
+        }
+        for (device, function) in zip(devices, state.functions) { try device.restoreState(function) }
+        address.store(state.address, ordering: .relaxed)
+    }
 
     public func read(offset: UInt64, data: UnsafeMutableRawBufferPointer) {
         if offset == 0, data.count == 4 {
@@ -89,6 +116,10 @@ public final class PCIMMIOWindow: BusDevice, Sendable {
     private let devices: [any PCIDevice]
 
     public init(root: PCIRoot) { devices = root.allDevices }
+
+    /// A window onto the functions' BARs; the functions' state is saved through ``PCIConfigPorts``.
+    public func saveState() throws(SnapshotError) -> DeviceState { .stateless }
+    public func restoreState(_ state: DeviceState) throws(SnapshotError) {}
 
     public func read(offset: UInt64, data: UnsafeMutableRawBufferPointer) {
         guard let (device, bar, barOffset) = claimant(of: offset) else { return }

@@ -1,0 +1,363 @@
+internal import CKVM
+internal import Synchronization
+#if canImport(Glibc)
+internal import Glibc
+#endif
+
+/// Where a machine is in its life. The transitions:
+/// `created` → (``Machine/start(paused:)``) → `running` ⇄ (``Machine/pause()`` / ``Machine/resume()``) `paused`;
+/// any of them → `ended` when the guest or the host ends the run. Snapshots are taken while `paused`.
+public enum MachineRunState: String, Sendable {
+    case created, running, paused, ended
+}
+
+/// The guest clock and TSCs at the moment of a pause, put back on resume so the guest does not
+/// see the time it spent paused (KVM's documented way: `KVM_SET_CLOCK`, and the TSC through
+/// `MSR_IA32_TSC`, which sets the vCPU's TSC offset).
+struct PauseRecord {
+    var clock: UInt64
+    var timeStampCounters: [UInt32: UInt64]
+
+    init(clock: UInt64, timeStampCounters: [UInt32: UInt64]) {
+        self.clock = clock
+        self.timeStampCounters = timeStampCounters
+    }
+
+    init(snapshot: MachineSnapshot) {
+        clock = snapshot.vm.clock
+        var counters: [UInt32: UInt64] = [:]
+        for vcpu in snapshot.vcpus {
+            if let tsc = vcpu.msrs.first(where: { $0.index == VCPU.tscMSR }) { counters[vcpu.id] = tsc.value }
+        }
+        timeStampCounters = counters
+    }
+}
+
+/// The state machine's data, behind one lock that also serialises pause, resume and snapshot.
+final class ControlState: @unchecked Sendable {
+    let lock = PthreadLock()
+    var state: MachineRunState = .created
+    var pause: PauseRecord?
+    var startedAt: UInt64 = 0
+    var savableMSRs: [UInt32]?
+
+    func begin(paused: Bool, pause: PauseRecord?) {
+        lock.withLock {
+            state = paused ? .paused : .running
+            self.pause = pause
+            startedAt = monotonicNanoseconds()
+        }
+    }
+}
+
+/// A snapshot on its way back into a machine.
+struct RestorePlan: @unchecked Sendable {
+    let snapshot: MachineSnapshot
+    let memory: GuestMemory
+}
+
+/// How to rebuild a machine from a snapshot: the host-side plumbing the snapshot cannot carry.
+public struct RestoreOptions: Sendable {
+    /// Where COM1's output goes.
+    public var console: any ConsoleOutput = FileDescriptorOutput.standardOutput
+    /// Where a virtio-console's output goes (default: `console`) and what it reads.
+    public var virtioConsoleOutput: (any ConsoleOutput)?
+    public var virtioConsoleInput: Int32?
+    /// New paths for the snapshot's disks, in the snapshot's disk order (nil: keep). Each must
+    /// still be the same disk (see ``DiskIdentity``).
+    public var diskPaths: [String?] = []
+    /// Read all of guest RAM now instead of mapping the memory file copy-on-write.
+    public var eagerMemory = false
+    /// Refuse the snapshot unless it has this many vCPUs / this much RAM (what a user asked for).
+    public var expectedCPUCount: Int?
+    public var expectedMemorySize: UInt64?
+    /// Devices the embedder registered when the snapshot was taken, at the same places.
+    public var portDevices: [MachineConfiguration.DeviceMapping] = []
+    public var mmioDevices: [MachineConfiguration.DeviceMapping] = []
+    public var bootTimer: BootTimer?
+    public var kvmPath = "/dev/kvm"
+
+    public init() {}
+}
+
+extension Machine {
+    /// Where the machine is in its life.
+    public var runState: MachineRunState {
+        if lifecycle.exit.current != nil { return .ended }
+        return control.lock.withLock { control.state }
+    }
+
+    /// Seconds since the machine was started in this process.
+    public var uptimeSeconds: Double {
+        let start = control.lock.withLock { control.startedAt }
+        return start == 0 ? 0 : Double(monotonicNanoseconds() - start) / 1e9
+    }
+
+    /// Stops every vCPU (parked, not ended) and quiesces every device: on return no vCPU is in
+    /// `KVM_RUN` and no virtio request is in flight. Pausing a paused machine does nothing.
+    public func pause() throws(MachineError) {
+        try control.lock.withLock { () throws(MachineError) in
+            try requireLive(for: "pause")
+            guard control.state == .running else { return }
+            guard lifecycle.pauseAll() else { throw .wrongState("the run ended while pausing") }
+            virtio?.cores.forEach { $0.quiesce() }
+            do {
+                var counters: [UInt32: UInt64] = [:]
+                for vcpu in lifecycle.allVCPUs {
+                    if let tsc = try vcpu.modelSpecificRegisters([VCPU.tscMSR]).first { counters[vcpu.id] = tsc.value }
+                }
+                control.pause = PauseRecord(clock: try vm.clock(), timeStampCounters: counters)
+            } catch let error as KVMError {
+                // Leave it running rather than half paused.
+                virtio?.cores.forEach { $0.unquiesce() }
+                lifecycle.resumeAll()
+                throw .kvm(error)
+            } catch {
+                throw .wrongState("\(error)")
+            }
+            control.state = .paused
+        }
+    }
+
+    /// Lets a paused machine continue; the guest's clock continues from where it paused.
+    /// Resuming a running machine does nothing.
+    public func resume() throws(MachineError) {
+        try control.lock.withLock { () throws(MachineError) in
+            try requireLive(for: "resume")
+            guard control.state == .paused else { return }
+            if let pause = control.pause {
+                do throws(KVMError) {
+                    try vm.setClock(pause.clock)
+                    for vcpu in lifecycle.allVCPUs {
+                        if let tsc = pause.timeStampCounters[vcpu.id] { try vcpu.setModelSpecificRegisters([(VCPU.tscMSR, tsc)]) }
+                    }
+                } catch {
+                    throw .kvm(error)
+                }
+            }
+            virtio?.cores.forEach { $0.unquiesce() }
+            lifecycle.resumeAll()
+            control.state = .running
+        }
+    }
+
+    private func requireLive(for operation: String) throws(MachineError) {
+        if lifecycle.exit.current != nil || control.state == .ended {
+            throw .wrongState("cannot \(operation): the run has ended")
+        }
+        if control.state == .created { throw .wrongState("cannot \(operation) a machine that has not started") }
+    }
+
+    /// Writes the paused machine's complete state and RAM to `directory` (see
+    /// ``SnapshotDirectory``); the machine stays paused.
+    @discardableResult
+    public func snapshot(to directory: String) throws(SnapshotError) -> SnapshotDirectory.Written {
+        try control.lock.withLock { () throws(SnapshotError) in
+            let snapshot = try captureStateLocked()
+            return try SnapshotDirectory.write(snapshot, memory: memory, to: directory)
+        }
+    }
+
+    /// The paused machine's complete state, RAM aside.
+    public func captureState() throws(SnapshotError) -> MachineSnapshot {
+        try control.lock.withLock { () throws(SnapshotError) in try captureStateLocked() }
+    }
+
+    private func captureStateLocked() throws(SnapshotError) -> MachineSnapshot {
+        guard lifecycle.exit.current == nil, control.state == .paused, let pause = control.pause else {
+            throw .wrongState("the machine must be paused to take a snapshot (it is \(runState.rawValue))")
+        }
+        let vcpus = lifecycle.allVCPUs
+        guard vcpus.count == configuration.cpuCount else {
+            throw .wrongState("only \(vcpus.count) of \(configuration.cpuCount) vCPUs exist")
+        }
+        var states: [VCPUState] = []
+        let vmState: VMState
+        do throws(KVMError) {
+            let msrs = try savableMSRs(vcpus[0])
+            for vcpu in vcpus {
+                let given = restorePlan?.snapshot.vcpus[Int(vcpu.id)].cpuid ?? cpuid.forVCPU(vcpu.id, count: UInt32(configuration.cpuCount))
+                states.append(try vcpu.captureState(msrs: msrs, cpuid: given))
+            }
+            vmState = VMState(interruptControllers: configuration.inKernelIRQChip ? try vm.interruptControllerState().map(HexBytes.init) : [],
+                              pit: HexBytes(configuration.inKernelIRQChip ? try vm.pitState() : []), clock: pause.clock)
+        } catch {
+            throw .kvm(error)
+        }
+        var devices: [SavedDevice] = []
+        for (name, bus) in [("port", portBus), ("mmio", mmioBus)] {
+            for (range, device) in bus.registeredDevices {
+                devices.append(SavedDevice(bus: name, base: range.base, size: range.size, state: try device.saveState()))
+            }
+        }
+        return MachineSnapshot(writer: "HyperCore \(HyperCoreVersion.current)", createdUnixSeconds: Int64(time(nil)),
+                               configuration: try snapshotConfiguration(), vm: vmState, vcpus: states,
+                               devices: devices, memoryBytesWritten: 0)
+    }
+
+    /// KVM's list of MSRs to save, less those this host's vCPUs cannot read (found once).
+    private func savableMSRs(_ vcpu: VCPU) throws(KVMError) -> [UInt32] {
+        if let known = control.savableMSRs { return known }
+        let readable = try vcpu.readableMSRs(try kvm.msrIndexList()).map(\.index)
+        control.savableMSRs = readable
+        return readable
+    }
+
+    private func snapshotConfiguration() throws(SnapshotError) -> SnapshotConfiguration {
+        var virtioDevices: [SnapshotVirtioDevice] = []
+        for device in configuration.virtioDevices {
+            let transport: SnapshotVirtioDevice.Transport = device.transport == .pci ? .pci : .mmio
+            switch device.kind {
+            case let .block(backend, identifier):
+                let (path, identity) = try DiskIdentity.of(backend)
+                virtioDevices.append(SnapshotVirtioDevice(kind: .block, transport: transport,
+                                                          disk: SnapshotDisk(path: path, readOnly: backend.isReadOnly,
+                                                                             identifier: identifier, identity: identity)))
+            case .console:
+                virtioDevices.append(SnapshotVirtioDevice(kind: .console, transport: transport, disk: nil))
+            case .entropy:
+                virtioDevices.append(SnapshotVirtioDevice(kind: .entropy, transport: transport, disk: nil))
+            }
+        }
+        let (boot, commandLine): (String, String) = if let saved = restorePlan?.snapshot.configuration {
+            (saved.boot, saved.commandLine)
+        } else {
+            switch configuration.boot {
+            case let .pvh(_, name, _, line): ("pvh \(name)", line)
+            case let .linux(_, name, _, line): ("linux \(name)", line)
+            case let .flat(_, name, _): ("flat \(name)", "")
+            case let .custom(name, _): (name, "")
+            }
+        }
+        return SnapshotConfiguration(memorySize: configuration.memorySize, cpuCount: configuration.cpuCount,
+                                     inKernelIRQChip: configuration.inKernelIRQChip, acpi: configuration.acpi,
+                                     bootTimer: configuration.bootTimer != nil, boot: boot, commandLine: commandLine,
+                                     virtio: virtioDevices)
+    }
+
+    /// Puts the VM-wide and device state back (the vCPUs already have theirs, set on their
+    /// threads): the interrupt controllers after the LAPICs they deliver to, then the PIT and
+    /// the clock, then the devices, which re-drive their interrupt lines.
+    func restoreMachineState(_ plan: RestorePlan) throws(SnapshotError) {
+        let snapshot = plan.snapshot
+        do throws(KVMError) {
+            if configuration.inKernelIRQChip {
+                try vm.setInterruptControllerState(snapshot.vm.interruptControllers.map(\.bytes))
+                try vm.setPITState(snapshot.vm.pit.bytes)
+            }
+            try vm.setClock(snapshot.vm.clock)
+        } catch {
+            throw .kvm(error)
+        }
+        var saved = snapshot.devices[...]
+        for (name, bus) in [("port", portBus), ("mmio", mmioBus)] {
+            for (range, device) in bus.registeredDevices {
+                guard let entry = saved.first, entry.bus == name, entry.base == range.base, entry.size == range.size else {
+                    throw .mismatch("the snapshot has no state for the \(name) device at \(range): it was taken on a machine with other devices")
+                }
+                saved = saved.dropFirst()
+                try device.restoreState(entry.state)
+            }
+        }
+        if let extra = saved.first {
+            throw .mismatch("the snapshot holds state for the \(extra.name), which this machine does not have")
+        }
+    }
+
+    /// Rebuilds a machine from a snapshot directory: same memory, vCPUs and devices, its disks
+    /// opened again (each checked to be the disk the snapshot was taken with), guest RAM mapped
+    /// from the memory file copy-on-write (or read, with ``RestoreOptions/eagerMemory``).
+    /// ``start(paused:)`` then puts the state back and lets it run.
+    ///
+    /// Nothing is written before every check has passed: not the snapshot, not a disk.
+    public convenience init(restoring directory: String, options: RestoreOptions = RestoreOptions()) throws(SnapshotError) {
+        let snapshot = try SnapshotDirectory.read(directory)
+        let saved = snapshot.configuration
+        if let cpus = options.expectedCPUCount, cpus != saved.cpuCount {
+            throw .mismatch("\(directory) was taken with \(saved.cpuCount) vCPUs, not \(cpus): drop --cpus or ask for \(saved.cpuCount)")
+        }
+        if let size = options.expectedMemorySize, size != saved.memorySize {
+            throw .mismatch("\(directory) was taken with \(saved.memorySize >> 20) MiB of memory, not \(size >> 20) MiB: drop --memory or ask for \(saved.memorySize >> 20)M")
+        }
+        guard snapshot.vcpus.count == saved.cpuCount, snapshot.vcpus.enumerated().allSatisfy({ UInt32($0.offset) == $0.element.id }) else {
+            throw .corrupt(path: directory, detail: "it holds \(snapshot.vcpus.count) vCPU states for \(saved.cpuCount) vCPUs")
+        }
+        let disks = saved.virtio.compactMap(\.disk)
+        guard options.diskPaths.count <= disks.count else {
+            throw .mismatch("\(options.diskPaths.count) disk paths given, but the snapshot has \(disks.count) disks")
+        }
+        // Every disk is checked before any is opened for writing.
+        var paths: [String] = []
+        for (index, disk) in disks.enumerated() {
+            let path = (index < options.diskPaths.count ? options.diskPaths[index] : nil) ?? disk.path
+            let current = try DiskIdentity.current(path: path)
+            guard current == disk.identity else {
+                throw .diskChanged(path: path, detail: "has changed since the snapshot was taken (now: \(current); the snapshot expects: \(disk.identity))")
+            }
+            paths.append(path)
+        }
+        let memory: GuestMemory
+        let memoryFD = try SnapshotDirectory.openMemory(directory)
+        do throws(GuestMemoryError) {
+            memory = try GuestMemory(size: saved.memorySize, mapping: options.eagerMemory ? nil : memoryFD)
+        } catch {
+            if options.eagerMemory { close(memoryFD) }
+            throw .machine("\(error)")
+        }
+        if options.eagerMemory {
+            defer { close(memoryFD) }
+            try MemoryFile.load(memoryFD, into: memory, path: directory + "/" + SnapshotDirectory.memoryFile)
+        }
+
+        var configuration = MachineConfiguration(boot: .custom(name: saved.boot) { _ throws(BootError) in
+            throw BootError.unsupported(file: saved.boot, detail: "a restored machine does not boot")
+        })
+        configuration.memorySize = saved.memorySize
+        configuration.cpuCount = saved.cpuCount
+        configuration.console = options.console
+        configuration.inKernelIRQChip = saved.inKernelIRQChip
+        configuration.acpi = saved.acpi
+        configuration.bootTimer = saved.bootTimer ? (options.bootTimer ?? BootTimer()) : nil
+        configuration.portDevices = options.portDevices
+        configuration.mmioDevices = options.mmioDevices
+        configuration.kvmPath = options.kvmPath
+        var diskIndex = 0
+        for device in saved.virtio {
+            let transport: VirtioDeviceConfiguration.Transport = device.transport == .pci ? .pci : .mmio
+            switch device.kind {
+            case .block:
+                guard let disk = device.disk else { throw .corrupt(path: directory, detail: "a block device without its disk") }
+                let backend: any BlockBackend
+                do throws(VHDXError) { backend = try openDisk(path: paths[diskIndex], readOnly: disk.readOnly) } catch {
+                    throw .diskChanged(path: paths[diskIndex], detail: "cannot be opened (\(error))")
+                }
+                diskIndex += 1
+                configuration.virtioDevices.append(.init(.block(backend, identifier: disk.identifier), transport: transport))
+            case .console:
+                configuration.virtioDevices.append(.init(.console(output: options.virtioConsoleOutput ?? options.console,
+                                                                  input: options.virtioConsoleInput), transport: transport))
+            case .entropy:
+                configuration.virtioDevices.append(.init(.entropy, transport: transport))
+            }
+        }
+        do throws(MachineError) {
+            try self.init(configuration, restoring: RestorePlan(snapshot: snapshot, memory: memory))
+        } catch {
+            throw .machine("\(error)")
+        }
+        // The buses must hold the devices the snapshot has state for, at the same places.
+        let layout = [("port", portBus), ("mmio", mmioBus)].flatMap { name, bus in
+            bus.registeredRanges.map { "\(name) \($0)" }
+        }
+        let savedLayout = snapshot.devices.map { "\($0.bus) \(BusRange(base: $0.base, size: $0.size))" }
+        guard layout == savedLayout else {
+            let missing = Set(savedLayout).symmetricDifference(layout).sorted().joined(separator: ", ")
+            throw .mismatch("\(directory) was taken on a machine with other devices (differing: \(missing))")
+        }
+    }
+}
+
+/// The library's version, recorded in snapshots.
+public enum HyperCoreVersion {
+    public static let current = "0.2.0"
+}

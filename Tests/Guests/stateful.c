@@ -1,0 +1,508 @@
+/*
+ * A guest that keeps state in every part of the machine, for save/restore
+ * tests: saved mid-run and restored in a new process, it must carry on with
+ * the next step, lose and repeat none, and end with the result an
+ * uninterrupted run prints. Any state the VMM drops shows up as an error.
+ *
+ * Each step (paced by the LAPIC periodic timer, `hlt` between ticks):
+ *  - RAM: fills page k of the region at 16 MiB with a pattern of k (every
+ *    qword), then re-checks the first, middle and last qword of pages 1..k-1;
+ *  - UART: enables COM1's THR-empty interrupt (IOAPIC pin 4) and waits for the
+ *    ISR to count it and disable it again: one interrupt per step;
+ *  - virtio-blk (blk=1): writes sector k with a pattern of k and reads back
+ *    sector k-1, on one virtqueue set up once (polled);
+ *  - virtio-console (con=1): writes `con step=k` to port 0 (hvc0);
+ *  - SMP (cpus=N): every AP counts its own LAPIC timer wake-ups, and each
+ *    step checks that every AP's count moved since the step before.
+ * At the end every page, sector and touched page is checked in full.
+ *
+ * Command line (all optional): steps=N (40), ticks=T (5 timer ticks a step,
+ * about 100 Hz), blk=1, con=1, mmio=1 (virtio-mmio through
+ * virtio_mmio.device=, else virtio-pci), cpus=N (1), touch=MIB (writes one
+ * qword in every 4 KiB page of MIB MiB at 64 MiB once at start, so that a
+ * snapshot carries that much non-zero RAM).
+ *
+ * Output (COM1): `stateful steps=N cpus=N blk=B con=C`, `touch=MIB` (with
+ * touch), then `step=k` per step; at the end `pages_ok=N`, `disk_ok=N`
+ * (blk), `touched_ok=PAGES` (touch), `uart_irqs=N`, `aps_ok=N-1` (cpus>1),
+ * `result=0x<hash of steps, page and sector contents>`; timing-dependent
+ * lines start with `info `. Debug exit 0x41, or `error=…` and 0x7F.
+ */
+#include "rt.h"
+#include "virtio.h"
+
+#define EXIT_STATEFUL	0x41
+
+#define LAPIC		0xfee00000ul
+#define LAPIC_SVR	0x0f0
+#define LAPIC_EOI	0x0b0
+#define LAPIC_ICR_LO	0x300
+#define LAPIC_ICR_HI	0x310
+#define LAPIC_LVT_TIMER	0x320
+#define LAPIC_TIMER_INIT 0x380
+#define LAPIC_TIMER_DIV	0x3e0
+#define LVT_PERIODIC	(1u << 17)
+#define ICR_INIT	0x00500
+#define ICR_STARTUP	0x00600
+#define ICR_BUSY	0x01000
+#define ICR_ASSERT	0x04000
+#define ICR_ALL_BUT_SELF 0xc0000
+#define IOAPIC		0xfec00000ul
+
+/*
+ * KVM's (and so QEMU's and HyperCore's) in-kernel LAPIC counts at 1 GHz:
+ * divide by 16 and 625 000 counts is 10 ms. Only roughly right is needed.
+ */
+#define TIMER_DIV16	0x3
+#define TIMER_COUNT	625000
+
+#define VEC_TIMER	0x30
+#define VEC_AP_TIMER	0x31
+#define VEC_UART	0x34
+#define VEC_SPURIOUS	0xff
+
+#define PAGES_BASE	(16ul << 20)	/* page k (1..steps) of the marked region */
+#define TOUCH_BASE	(64ul << 20)
+#define MAX_STEPS	4096		/* the marked region ends below TOUCH_BASE */
+#define MAX_CPUS	16
+#define TRAMP_BASE	0x8000
+#define SIPI_VECTOR	(TRAMP_BASE >> 12)
+#define TSC_PER_US	2000		/* only for the INIT/SIPI delays, as in smp.c */
+
+#define UART_IER	1
+#define UART_IIR	2
+#define UART_MCR	4
+#define IER_THRI	0x02
+
+#define BLK_IN		0
+#define BLK_OUT		1
+
+#define SEED_PAGE	0x5354415445465531ul
+#define SEED_SECTOR	0x5354415445445331ul
+#define SEED_TOUCH	0x5354415445545531ul
+
+#define cli() __asm__ volatile("cli" ::: "memory")
+/* Sleeps until an interrupt has been handled; interrupts stay off otherwise. */
+#define sleep() __asm__ volatile("sti; hlt; cli" ::: "memory")
+
+#define fail virtio_fail
+
+static volatile u64 ticks, uart_irqs, uart_other;
+static u64 tsc_first_tick, tsc_last_tick;
+
+/* APs: slot s (0..cpus-2) counts its own timer wake-ups in ap_count[s]. */
+volatile u32 ap_next_slot, ap_online;
+static volatile u64 ap_count[MAX_CPUS];
+u8 ap_stacks[MAX_CPUS][4096] __attribute__((aligned(16)));
+extern const char ap_trampoline[], ap_trampoline_end[];
+extern u32 ap_entry;		/* smp_ap.S: the APs' long-mode continuation */
+extern const char stateful_ap[];
+
+static char cmdline[1024];	/* copied: the AP trampoline may overwrite low memory */
+
+static u64 pattern(u64 seed, u64 k, u64 i)
+{
+	return seed ^ (k * 0x9e3779b97f4a7c15ul) ^ (i * 0xbf58476d1ce4e5b9ul);
+}
+
+static u64 mix(u64 h, u64 v)	/* FNV-1a over qwords */
+{
+	return (h ^ v) * 0x100000001b3ul;
+}
+
+static volatile u64 *page(u64 k) { return (volatile u64 *)(PAGES_BASE + k * 4096); }
+
+/* ---- interrupts ---- */
+
+static void eoi(void) { mmio_write32(LAPIC + LAPIC_EOI, 0); }
+
+static void on_timer(struct trap_frame *f)
+{
+	(void)f;
+	u64 now = rdtsc();
+	if (!ticks)
+		tsc_first_tick = now;
+	tsc_last_tick = now;
+	ticks++;
+	eoi();
+}
+
+static void on_ap_timer(struct trap_frame *f)
+{
+	(void)f;
+	eoi();
+}
+
+static void on_uart(struct trap_frame *f)
+{
+	(void)f;
+	if ((inb(COM1 + UART_IIR) & 0x0f) == 0x02)	/* reading IIR acknowledges THR empty */
+		uart_irqs++;
+	else
+		uart_other++;
+	outb(COM1 + UART_IER, 0);	/* our own output would raise it again */
+	eoi();
+}
+
+static void on_spurious(struct trap_frame *f) { (void)f; }
+
+static void ioapic_write(u32 reg, u32 value)
+{
+	mmio_write32(IOAPIC, reg);
+	mmio_write32(IOAPIC + 0x10, value);
+}
+
+static void timer_start(u8 vector)
+{
+	mmio_write32(LAPIC + LAPIC_SVR, 0x100 | VEC_SPURIOUS);
+	mmio_write32(LAPIC + LAPIC_TIMER_DIV, TIMER_DIV16);
+	mmio_write32(LAPIC + LAPIC_LVT_TIMER, LVT_PERIODIC | vector);
+	mmio_write32(LAPIC + LAPIC_TIMER_INIT, TIMER_COUNT);
+}
+
+/* Sleeps until `ticks` reaches `target`. */
+static void wait_ticks(u64 target)
+{
+	while (ticks < target)
+		sleep();
+}
+
+/* ---- application processors ---- */
+
+/* The AP's continuation in long mode: a stack of its own, then stateful_ap_main(slot). */
+__asm__(
+	".pushsection .text.stateful_ap, \"ax\"\n"
+	".globl stateful_ap\n"
+	"stateful_ap:\n"
+	"	mov $1, %ecx\n"
+	"	lock xadd %ecx, ap_next_slot(%rip)\n"
+	"	cmp $" "15" ", %ecx\n"		/* MAX_CPUS - 1 APs at most */
+	"	jae halt_forever\n"
+	"	lea 1(%rcx), %eax\n"
+	"	shl $12, %rax\n"
+	"	lea ap_stacks(%rip), %rsp\n"
+	"	add %rax, %rsp\n"
+	"	mov %ecx, %edi\n"
+	"	call stateful_ap_main\n"
+	"	jmp halt_forever\n"
+	".popsection\n");
+
+void __attribute__((used)) stateful_ap_main(u32 slot)
+{
+	idt_load();
+	timer_start(VEC_AP_TIMER);
+	__atomic_fetch_add(&ap_online, 1, __ATOMIC_SEQ_CST);
+	for (;;) {
+		sleep();
+		ap_count[slot]++;
+	}
+}
+
+static void delay_us(u64 us)
+{
+	u64 start = rdtsc();
+	while (rdtsc() - start < us * TSC_PER_US)
+		__asm__ volatile("pause");
+}
+
+static void send_ipi(u32 icr)
+{
+	mmio_write32(LAPIC + LAPIC_ICR_HI, 0);
+	mmio_write32(LAPIC + LAPIC_ICR_LO, icr);
+	for (int i = 0; i < 1000 && (mmio_read32(LAPIC + LAPIC_ICR_LO) & ICR_BUSY); i++)
+		;
+}
+
+/* INIT-SIPI-SIPI to all but self, as smp.c does. */
+static void start_aps(void)
+{
+	ap_entry = (u32)(u64)stateful_ap;
+	memcpy((void *)TRAMP_BASE, ap_trampoline, ap_trampoline_end - ap_trampoline);
+	send_ipi(ICR_ALL_BUT_SELF | ICR_ASSERT | ICR_INIT);
+	delay_us(10000);
+	for (int i = 0; i < 2; i++) {
+		send_ipi(ICR_ALL_BUT_SELF | ICR_ASSERT | ICR_STARTUP | SIPI_VECTOR);
+		delay_us(200);
+	}
+}
+
+/* ---- virtio ---- */
+
+static struct vdev blk_dev, con_dev;
+static struct vring blk_ring, con_rings[2];
+static struct vq blk_vq, con_rx, con_tx;
+
+struct blk_hdr {
+	u32 type, reserved;
+	u64 sector;
+};
+static struct blk_hdr blk_hdr;
+static volatile u8 blk_status;
+static u64 sector_buf[64] __attribute__((aligned(512)));
+
+static void find(struct vdev *d, u32 type, int mmio, const char *what)
+{
+	if (mmio ? !virtio_find_mmio(d, cmdline, type) : !virtio_find_pci(d, type, 0x6))
+		fail(what);
+}
+
+static void setup_queue(struct vdev *d, struct vq *vq, u16 index, struct vring *ring)
+{
+	virtio_queue_setup(d, vq, index, virtio_queue_max(d, index), ring, -1);
+}
+
+/* One request in descriptors 0..2, polled. Returns the device's status byte. */
+static u8 blk_request(u32 type, u64 sector, void *buf)
+{
+	struct vq *vq = &blk_vq;
+	blk_hdr = (struct blk_hdr){ type, 0, sector };
+	blk_status = 0xff;
+	vq->desc[0] = (struct desc){ (u64)&blk_hdr, sizeof(blk_hdr), DESC_NEXT, 1 };
+	vq->desc[1] = (struct desc){ (u64)buf, 512, DESC_NEXT | (type == BLK_IN ? DESC_WRITE : 0), 2 };
+	vq->desc[2] = (struct desc){ (u64)&blk_status, 1, DESC_WRITE, 0 };
+	virtio_publish(vq, 0);
+	virtio_kick(vq);
+	if (!virtio_wait_used(vq, 1, 0))
+		fail("blk request timed out");
+	return blk_status;
+}
+
+static void blk_write(u64 k)
+{
+	for (u64 i = 0; i < 64; i++)
+		sector_buf[i] = pattern(SEED_SECTOR, k, i);
+	if (blk_request(BLK_OUT, k, sector_buf) != 0)
+		fail("blk write");
+}
+
+/* Reads sector k and checks its pattern; returns the hash folded with its contents. */
+static u64 blk_check(u64 k, u64 h)
+{
+	for (u64 i = 0; i < 64; i++)
+		sector_buf[i] = 0;
+	if (blk_request(BLK_IN, k, sector_buf) != 0)
+		fail("blk read");
+	for (u64 i = 0; i < 64; i++) {
+		if (sector_buf[i] != pattern(SEED_SECTOR, k, i)) {
+			printf("error=disk sector=%lu qword=%lu\n", k, i);
+			debug_exit(EXIT_FAILURE);
+		}
+		h = mix(h, sector_buf[i]);
+	}
+	return h;
+}
+
+static char con_line[32];
+
+static void con_write(u64 k)
+{
+	static const char prefix[] = "con step=";
+	u32 n = 0;
+	for (; prefix[n]; n++)
+		con_line[n] = prefix[n];
+	char digits[20];
+	int d = 0;
+	do {
+		digits[d++] = '0' + k % 10;
+		k /= 10;
+	} while (k);
+	while (d)
+		con_line[n++] = digits[--d];
+	con_line[n++] = '\n';
+	struct vq *vq = &con_tx;
+	vq->desc[0] = (struct desc){ (u64)con_line, n, 0, 0 };
+	virtio_publish(vq, 0);
+	virtio_kick(vq);
+	if (!virtio_wait_used(vq, 1, 0))
+		fail("console write timed out");
+}
+
+/* ---- pages ---- */
+
+static void page_fill(u64 k)
+{
+	volatile u64 *p = page(k);
+	for (u64 i = 0; i < 512; i++)
+		p[i] = pattern(SEED_PAGE, k, i);
+}
+
+static void page_bad(u64 k, u64 i)
+{
+	printf("error=page page=%lu qword=%lu\n", k, i);
+	debug_exit(EXIT_FAILURE);
+}
+
+static void page_sample(u64 k)
+{
+	static const u64 sample[3] = { 0, 256, 511 };
+	for (int s = 0; s < 3; s++)
+		if (page(k)[sample[s]] != pattern(SEED_PAGE, k, sample[s]))
+			page_bad(k, sample[s]);
+}
+
+static u64 page_check(u64 k, u64 h)
+{
+	volatile u64 *p = page(k);
+	for (u64 i = 0; i < 512; i++) {
+		u64 v = p[i];
+		if (v != pattern(SEED_PAGE, k, i))
+			page_bad(k, i);
+		h = mix(h, v);
+	}
+	return h;
+}
+
+/* ---- the run ---- */
+
+static u64 arg(const char *key, u64 dflt, u64 max)
+{
+	u64 v = dflt;
+	cmdline_uint(cmdline, key, &v);
+	if (v > max) {
+		printf("error=%s above %lu\n", key, max);
+		debug_exit(EXIT_FAILURE);
+	}
+	return v;
+}
+
+void guest_main(struct hvm_start_info *si)
+{
+	uart_init();
+	const char *cl = pvh_cmdline(si);
+	u32 n = 0;
+	for (; cl[n] && n < sizeof(cmdline) - 1; n++)
+		cmdline[n] = cl[n];
+	cmdline[n] = 0;
+
+	u64 steps = arg("steps", 40, MAX_STEPS), per_step = arg("ticks", 5, 1000);
+	u64 blk = arg("blk", 0, 1), con = arg("con", 0, 1), mmio = arg("mmio", 0, 1);
+	u64 cpus = arg("cpus", 1, MAX_CPUS), touch = arg("touch", 0, 4096);
+	if (!steps || !per_step || !cpus)
+		fail("steps, ticks and cpus must be at least 1");
+	u64 ram_end = pvh_ram_bytes(si) + (1ul << 20);	/* roughly: RAM starts at 0 and 1 MiB */
+	if (PAGES_BASE + (steps + 1) * 4096 > ram_end || (touch && TOUCH_BASE + (touch << 20) > ram_end))
+		fail("not enough RAM");
+	printf("stateful steps=%lu cpus=%lu blk=%lu con=%lu\n", steps, cpus, blk, con);
+
+	idt_init();
+	idt_set_handler(VEC_TIMER, on_timer);
+	idt_set_handler(VEC_AP_TIMER, on_ap_timer);
+	idt_set_handler(VEC_UART, on_uart);
+	idt_set_handler(VEC_SPURIOUS, on_spurious);
+	outb(0x21, 0xff);			/* both 8259s masked: the firmware may have left the PIT on */
+	outb(0xa1, 0xff);
+	mmio_write32(LAPIC + LAPIC_SVR, 0x100 | VEC_SPURIOUS);
+	ioapic_write(0x10 + 2 * 4 + 1, 0);	/* COM1, pin 4 → APIC ID 0 */
+	ioapic_write(0x10 + 2 * 4, VEC_UART);	/* fixed, edge, active high, unmasked */
+	outb(COM1 + UART_MCR, 0x0b);		/* DTR, RTS, OUT2 */
+
+	if (touch) {
+		for (u64 p = 0; p < touch << 8; p++)
+			*(volatile u64 *)(TOUCH_BASE + p * 4096) = pattern(SEED_TOUCH, p, 0);
+		printf("touch=%lu\n", touch);
+	}
+
+	if (blk) {
+		find(&blk_dev, 2, mmio, "no virtio-blk device");
+		virtio_negotiate(&blk_dev, 0);
+		setup_queue(&blk_dev, &blk_vq, 0, &blk_ring);
+		virtio_driver_ok(&blk_dev);
+		u64 capacity = (u64)virtio_cfg32(&blk_dev, 0) | (u64)virtio_cfg32(&blk_dev, 4) << 32;
+		if (capacity < steps + 1)
+			fail("disk smaller than steps+1 sectors");
+	}
+	if (con) {
+		find(&con_dev, 3, mmio, "no virtio-console device");
+		virtio_negotiate(&con_dev, 0);
+		setup_queue(&con_dev, &con_rx, 0, &con_rings[0]);
+		setup_queue(&con_dev, &con_tx, 1, &con_rings[1]);
+		virtio_driver_ok(&con_dev);
+	}
+
+	u32 aps = cpus - 1;
+	if (aps)
+		start_aps();
+	timer_start(VEC_TIMER);
+	/* The APs have 2 s (200 ticks) to come up. */
+	while (ap_online < aps && ticks < 200)
+		sleep();
+	if (ap_online != aps) {
+		printf("error=aps online=%u\n", ap_online);
+		debug_exit(EXIT_FAILURE);
+	}
+	u64 ap_last[MAX_CPUS];
+	for (u32 s = 0; s < aps; s++)
+		ap_last[s] = ap_count[s];
+
+	u64 start = ticks;
+	for (u64 k = 1; k <= steps; k++) {
+		wait_ticks(start + k * per_step);
+
+		page_fill(k);
+		for (u64 j = 1; j < k; j++)
+			page_sample(j);
+
+		outb(COM1 + UART_IER, IER_THRI);	/* THR is empty: raised at once */
+		for (u64 t0 = ticks; uart_irqs < k;) {
+			if (ticks - t0 > 100)
+				fail("uart interrupt missing");
+			sleep();
+		}
+
+		if (blk) {
+			blk_write(k);
+			if (k > 1)
+				blk_check(k - 1, 0);
+		}
+		if (con)
+			con_write(k);
+
+		/* Each AP's count must move within a second (normally it has by now). */
+		for (u32 s = 0; s < aps; s++) {
+			for (u64 t0 = ticks; ap_count[s] == ap_last[s];) {
+				if (ticks - t0 > 100) {
+					printf("error=ap stalled slot=%u\n", s);
+					debug_exit(EXIT_FAILURE);
+				}
+				sleep();
+			}
+			ap_last[s] = ap_count[s];
+		}
+		printf("step=%lu\n", k);
+	}
+
+	u64 h = mix(0xcbf29ce484222325ul, steps);
+	for (u64 k = 1; k <= steps; k++)
+		h = page_check(k, h);
+	printf("pages_ok=%lu\n", steps);
+	if (blk) {
+		for (u64 k = 1; k <= steps; k++)
+			h = blk_check(k, h);
+		printf("disk_ok=%lu\n", steps);
+	}
+	if (touch) {
+		for (u64 p = 0; p < touch << 8; p++) {
+			u64 v = *(volatile u64 *)(TOUCH_BASE + p * 4096);
+			if (v != pattern(SEED_TOUCH, p, 0)) {
+				printf("error=touched page=%lu\n", p);
+				debug_exit(EXIT_FAILURE);
+			}
+			h = mix(h, v);
+		}
+		printf("touched_ok=%lu\n", touch << 8);
+	}
+	if (uart_irqs != steps || uart_other) {
+		printf("error=uart_irqs %lu other=%lu\n", uart_irqs, uart_other);
+		debug_exit(EXIT_FAILURE);
+	}
+	printf("uart_irqs=%lu\n", uart_irqs);
+	if (aps)
+		printf("aps_ok=%u\n", aps);
+	printf("info ticks=%lu\n", ticks);
+	if (ticks > 1)
+		printf("info tsc_per_tick=%lu\n", (tsc_last_tick - tsc_first_tick) / (ticks - 1));
+	for (u32 s = 0; s < aps; s++)
+		printf("info ap%u_wakeups=%lu\n", s, ap_count[s]);
+	printf("result=0x%lx\n", h);
+	debug_exit(EXIT_STATEFUL);
+}
