@@ -13,8 +13,8 @@
 # restore = a new QEMU with -incoming "exec:cat FILE" + QMP cont, from its
 # process start until the guest prints its next step= line. See snapshot.py.
 #
-# The HyperCore side: `snapshot.py --vmm hvrun --hvrun PATH` (class HvrunVmm,
-# to be written once hvrun has --control SOCKET and run --restore DIR).
+# The HyperCore side: `snapshot.py --vmm hvrun --hvrun PATH` (class HvrunVmm);
+# both side by side, with a table of medians and ratios: run.sh.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)

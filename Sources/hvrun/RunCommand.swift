@@ -30,11 +30,11 @@ struct RunCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Kernel command line.", valueName: "string"))
     var cmdline: String = "console=ttyS0"
 
-    @Option(name: [.short, .long], help: ArgumentHelp("Guest RAM, e.g. 256M or 2G (a bare number is MiB).", valueName: "size"))
-    var memory: ByteCount = ByteCount(bytes: 256 << 20)
+    @Option(name: [.short, .long], help: ArgumentHelp("Guest RAM, e.g. 256M or 2G (a bare number is MiB); default 256M. With --restore, must match the snapshot.", valueName: "size"))
+    var memory: ByteCount?
 
-    @Option(name: [.short, .long], help: "Number of vCPUs.")
-    var cpus: Int = 1
+    @Option(name: [.short, .long], help: ArgumentHelp("Number of vCPUs; default 1. With --restore, must match the snapshot.", valueName: "n"))
+    var cpus: Int?
 
     @Option(help: ArgumentHelp("Stop the guest after this many seconds (exit status 124).", valueName: "seconds"))
     var timeout: Double?
@@ -65,15 +65,93 @@ struct RunCommand: ParsableCommand {
     @Option(help: ArgumentHelp("CPUID features to hide (name or -name) or force (+name), comma-separated: x2apic, kvmclock, … or LEAF[.SUB]:REG:BIT. Write --cpuid=-name when the list starts with a minus.", valueName: "list"))
     var cpuid: String?
 
+    @Option(help: ArgumentHelp("A control socket (mode 0600) speaking QMP-shaped JSON lines: info, pause, resume, save, snapshot, stop. See Docs/snapshots.md.", valueName: "path"), completion: .file())
+    var control: String?
+
+    @Option(help: ArgumentHelp("Start from a snapshot directory instead of booting: memory, vCPUs and devices come from it; --disk may give its disks new paths, in order.", valueName: "dir"), completion: .directory)
+    var restore: String?
+
+    @Flag(help: "With --restore: stay paused until a `resume` on the control socket.")
+    var paused = false
+
+    @Flag(help: "With --restore: read all of guest RAM now instead of mapping the snapshot's memory file copy-on-write.")
+    var eagerMemory = false
+
+    @Option(help: ArgumentHelp("On SIGUSR1, save the machine into this directory and exit 0 (what `save` on the control socket does).", valueName: "dir"), completion: .directory)
+    var saveOnSignal: String?
+
     func validate() throws {
-        guard (1...MachineConfiguration.maximumCPUs).contains(cpus) else {
+        if let cpus, !(1...MachineConfiguration.maximumCPUs).contains(cpus) {
             throw ValidationError("--cpus must be between 1 and \(MachineConfiguration.maximumCPUs)")
         }
         if let timeout, !(timeout > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
         if initrd != nil, kernel == nil { throw ValidationError("--initrd needs --kernel") }
+        if restore != nil {
+            for (given, name) in [(kernel != nil, "--kernel"), (initrd != nil, "--initrd"), (rng, "--rng"), (cpuid != nil, "--cpuid")] where given {
+                throw ValidationError("\(name) cannot be used with --restore: the snapshot holds the guest and its devices")
+            }
+        } else if paused {
+            throw ValidationError("--paused needs --restore")
+        } else if eagerMemory {
+            throw ValidationError("--eager-memory needs --restore")
+        }
     }
 
     func run() throws {
+        // SIGUSR1 is blocked before any thread exists, so only the saver thread receives it.
+        let saveSignal = saveOnSignal.map { SaveOnSignal(directory: $0) }
+        let session = TerminalSession()
+        let origin = BootTimer.processStart() ?? BootTimer.now()
+        let entered = BootTimer.now()
+        let machine = restore == nil ? try bootMachine() : try restoreMachine()
+        let built = BootTimer.now()
+        // With a virtio console, host input goes to hvc0 (its I/O thread reads stdin), not COM1.
+        if !machine.configuration.virtioDevices.contains(where: { if case .console = $0.kind { true } else { false } }) {
+            session.forwardInput(to: machine.serial)
+        }
+        session.onInterrupt { machine.stop() }
+        let server = try control.map { path throws(ControlError) in try ControlServer(path: path, machine: machine) }
+        try server?.start()
+        defer { server?.close() }
+        try machine.start(paused: paused)
+        if restore != nil, bootTime {
+            func ms(_ from: UInt64, _ to: UInt64) -> String {
+                let tenths = (to &- from) / 100_000
+                return "\(tenths / 10).\(tenths % 10) ms"
+            }
+            let running = BootTimer.now()
+            printError("hvrun: restore time: process start → main \(ms(origin, entered)), snapshot read and machine rebuilt +\(ms(entered, built)), state loaded and vCPUs released +\(ms(built, running)); total \(ms(origin, running))")
+        }
+        saveSignal?.watch(machine)
+        let exit = machine.wait(timeout: timeout.map { .milliseconds(Int64(($0 * 1000).rounded())) })
+        server?.close()
+        session.restore()
+        if let timer = machine.configuration.bootTimer, bootTime { printError("hvrun: boot time\n" + timer.report()) }
+        throw ExitCode(Self.status(for: exit, interrupted: session.wasInterrupted))
+    }
+
+    private var consoleOutput: any ConsoleOutput {
+        get throws {
+            guard let consoleLog else { return FileDescriptorOutput.standardOutput }
+            return TeeOutput([FileDescriptorOutput.standardOutput, try FileDescriptorOutput(path: consoleLog)])
+        }
+    }
+
+    /// A machine from a snapshot directory (`--restore`).
+    private func restoreMachine() throws -> Machine {
+        var options = RestoreOptions()
+        options.console = try consoleOutput
+        options.virtioConsoleInput = 0
+        options.diskPaths = disks.map(\.path)
+        options.eagerMemory = eagerMemory
+        options.expectedCPUCount = cpus
+        options.expectedMemorySize = memory?.bytes
+        if bootTime { options.bootTimer = BootTimer(origin: BootTimer.processStart() ?? BootTimer.now()) }
+        return try Machine(restoring: restore!, options: options)
+    }
+
+    /// A machine that boots a kernel (or the embedded guest).
+    private func bootMachine() throws -> Machine {
         let boot: MachineConfiguration.Boot
         if let kernel {
             let kernelBytes = try ImageFile.read(kernel)
@@ -89,17 +167,15 @@ struct RunCommand: ParsableCommand {
             boot = .pvh(kernel: embeddedGuestELF, kernelName: "embedded guest", initrd: nil, commandLine: cmdline)
         }
         var configuration = MachineConfiguration(boot: boot)
-        configuration.memorySize = memory.bytes
-        configuration.cpuCount = cpus
+        configuration.memorySize = memory?.bytes ?? 256 << 20
+        configuration.cpuCount = cpus ?? 1
         if let cpuid {
             let policy = try CPUIDPolicy.parse(cpuid)
             configuration.cpuidPolicy = { policy.apply(to: &$0) }
         }
         let timer = bootTime ? BootTimer(origin: BootTimer.processStart() ?? BootTimer.now()) : nil
         configuration.bootTimer = timer
-        if let consoleLog {
-            configuration.console = TeeOutput([FileDescriptorOutput.standardOutput, try FileDescriptorOutput(path: consoleLog)])
-        }
+        configuration.console = try consoleOutput
 
         let transport: VirtioDeviceConfiguration.Transport = virtioTransport == .mmio ? .mmio : .pci
         for (index, disk) in disks.enumerated() {
@@ -110,16 +186,7 @@ struct RunCommand: ParsableCommand {
             configuration.virtioDevices.append(.init(.console(output: configuration.console, input: 0), transport: transport))
         }
         if rng { configuration.virtioDevices.append(.init(.entropy, transport: transport)) }
-
-        let session = TerminalSession()
-        let machine = try Machine(configuration)
-        // With a virtio console, host input goes to hvc0 (its I/O thread reads stdin), not COM1.
-        if console == .serial { session.forwardInput(to: machine.serial) }
-        session.onInterrupt { machine.stop() }
-        let exit = try machine.run(timeout: timeout.map { .milliseconds(Int64(($0 * 1000).rounded())) })
-        session.restore()
-        if let timer { printError("hvrun: boot time\n" + timer.report()) }
-        throw ExitCode(Self.status(for: exit, interrupted: session.wasInterrupted))
+        return try Machine(configuration)
     }
 
     /// Maps how the run ended to the process exit status (and says why on stderr when it failed).
@@ -135,6 +202,8 @@ struct RunCommand: ParsableCommand {
         case .timedOut:
             printError("hvrun: --timeout expired; the guest was stopped")
             return 124
+        case .saved:
+            return 0
         case .stopped:
             if interrupted { printError("hvrun: interrupted; the guest was stopped") }
             return interrupted ? 130 : 0

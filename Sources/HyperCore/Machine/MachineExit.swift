@@ -14,6 +14,8 @@ public enum MachineExit: Sendable, Equatable, CustomStringConvertible {
     case timedOut
     /// ``Machine/stop()`` was called.
     case stopped
+    /// The machine's state was saved to the snapshot directory at this path, and the run ended there.
+    case saved(String)
     /// A host-side failure (an ioctl that should not fail did).
     case hostError(String)
 
@@ -26,6 +28,7 @@ public enum MachineExit: Sendable, Equatable, CustomStringConvertible {
         case let .guestFailure(failure): failure.description
         case .timedOut: "the deadline passed and the guest was stopped"
         case .stopped: "the machine was stopped"
+        case let .saved(path): "the machine was saved to \(path)"
         case let .hostError(message): "host error: \(message)"
         }
     }

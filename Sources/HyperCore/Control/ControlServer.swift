@@ -1,0 +1,290 @@
+internal import CKVM
+internal import Synchronization
+#if canImport(Glibc)
+internal import Glibc
+#endif
+
+/// A machine's control socket: a Unix stream socket speaking newline-delimited JSON in the shape
+/// QEMU's QMP made conventional.
+///
+/// - On connect the server sends one greeting line: `{"hvrun":{"version":"…","state":"running"}}`.
+/// - Each request is one line, `{"execute":"VERB","arguments":{…},"id":ANY}` (`arguments` and
+///   `id` optional); each reply is one line, `{"return":{…},"id":…}` or
+///   `{"error":{"class":"…","desc":"…"},"id":…}`. A malformed line gets an error reply and the
+///   connection stays usable.
+/// - Verbs: `info`, `pause`, `resume`, `save` `{"path":DIR}` (pause, write the snapshot durably,
+///   reply, then end the run as ``MachineExit/saved(_:)``), `snapshot` `{"path":DIR}` (the same,
+///   staying paused), `stop` (reply, then end the run).
+///
+/// One dedicated thread serves every client with `poll`, so a slow or silent client delays no
+/// one, and a client that disconnects mid-request does not disturb the machine. The socket is
+/// created with mode 0600; a path that exists is refused unless it is a stale socket.
+public final class ControlServer: @unchecked Sendable {
+    public let path: String
+    private let machine: Machine
+    private let listener: Int32
+    private let wake: Int32
+    private let stopped = Atomic<Bool>(false)
+    private var thread: pthread_t?
+    static let maximumLine = 64 << 10
+    static let maximumClients = 16
+
+    public init(path: String, machine: Machine) throws(ControlError) {
+        self.path = path
+        self.machine = machine
+        try Self.clearStaleSocket(path)
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw .system(path: path, operation: "socket", errno: errno) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
+            Glibc.close(fd)
+            throw .pathTooLong(path: path)
+        }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in
+            for (i, byte) in bytes.enumerated() { raw[i] = byte }
+        }
+        // The socket gets mode 0600 from the umask at bind time: no window where others can connect.
+        let previous = umask(0o177)
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        umask(previous)
+        guard bound == 0, listen(fd, 8) == 0 else {
+            let code = errno
+            Glibc.close(fd)
+            throw .system(path: path, operation: "bind", errno: code)
+        }
+        listener = fd
+        wake = ckvm_eventfd_create()
+    }
+
+    deinit {
+        close()
+        Glibc.close(listener)
+        if wake >= 0 { Glibc.close(wake) }
+    }
+
+    /// A path that exists must be a socket nobody listens on any more (a crashed hvrun's).
+    static func clearStaleSocket(_ path: String) throws(ControlError) {
+        var info = stat()
+        guard lstat(path, &info) == 0 else { return }
+        guard info.st_mode & S_IFMT == S_IFSOCK else { throw .exists(path: path) }
+        let probe = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard probe >= 0 else { throw .system(path: path, operation: "socket", errno: errno) }
+        defer { Glibc.close(probe) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(path.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { throw .pathTooLong(path: path) }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in for (i, byte) in bytes.enumerated() { raw[i] = byte } }
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(probe, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        if connected == 0 { throw .inUse(path: path) }
+        guard unlink(path) == 0 else { throw .system(path: path, operation: "unlink stale socket", errno: errno) }
+    }
+
+    /// Starts serving on a dedicated thread.
+    public func start() throws(ControlError) {
+        final class Box: @unchecked Sendable { let server: ControlServer; init(_ s: ControlServer) { server = s } }
+        var handle = pthread_t()
+        let box = Unmanaged.passRetained(Box(self)).toOpaque()
+        let result = pthread_create(&handle, nil, { argument in
+            let server = Unmanaged<Box>.fromOpaque(argument!).takeRetainedValue().server
+            server.serve()
+            return nil
+        }, box)
+        guard result == 0 else {
+            Unmanaged<Box>.fromOpaque(box).release()
+            throw .system(path: path, operation: "pthread_create", errno: result)
+        }
+        thread = handle
+    }
+
+    /// Stops serving, joins the thread and removes the socket file. Idempotent.
+    public func close() {
+        guard !stopped.exchange(true, ordering: .acquiringAndReleasing) else { return }
+        if wake >= 0 { _ = ckvm_eventfd_signal(wake) }
+        if let thread, pthread_equal(thread, pthread_self()) == 0 { _ = ckvm_thread_join(UInt(thread), 10_000) }
+        unlink(path)
+    }
+
+    // MARK: The loop
+
+    private final class Client {
+        let fd: Int32
+        var buffer: [UInt8] = []
+        init(fd: Int32) { self.fd = fd }
+    }
+
+    private func serve() {
+        ckvm_thread_set_name("control")
+        var blocked = sigset_t()
+        sigfillset(&blocked)
+        pthread_sigmask(SIG_BLOCK, &blocked, nil)
+        var clients: [Client] = []
+        defer { clients.forEach { Glibc.close($0.fd) } }
+        while !stopped.load(ordering: .acquiring) {
+            var fds = [pollfd(fd: listener, events: Int16(POLLIN), revents: 0), pollfd(fd: wake, events: Int16(POLLIN), revents: 0)]
+            fds += clients.map { pollfd(fd: $0.fd, events: Int16(POLLIN), revents: 0) }
+            let ready = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), -1) }
+            if ready < 0 { if errno == EINTR { continue } else { return } }
+            if fds[1].revents != 0 { return }
+            var closed: Set<Int32> = []
+            for (index, client) in clients.enumerated() where fds[index + 2].revents != 0 {
+                if !readRequests(client) { closed.insert(client.fd) }
+                if stopped.load(ordering: .acquiring) { return }
+            }
+            for fd in closed { Glibc.close(fd) }
+            clients.removeAll { closed.contains($0.fd) }
+            if fds[0].revents & Int16(POLLIN) != 0 {
+                let fd = accept(listener, nil, nil)
+                if fd >= 0 {
+                    _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+                    if clients.count >= Self.maximumClients {
+                        Glibc.close(fd)
+                    } else {
+                        let client = Client(fd: fd)
+                        clients.append(client)
+                        send(.object([("hvrun", .object([("version", .string(HyperCoreVersion.current)),
+                                                          ("state", .string(machine.runState.rawValue))]))]), to: client)
+                    }
+                }
+            }
+        }
+    }
+
+    /// Reads what the client sent and answers every complete line; false when the client is gone.
+    private func readRequests(_ client: Client) -> Bool {
+        var chunk = [UInt8](repeating: 0, count: 4096)
+        let count = chunk.withUnsafeMutableBytes { read(client.fd, $0.baseAddress, $0.count) }
+        if count < 0 { return errno == EINTR || errno == EAGAIN }
+        if count == 0 { return false }
+        client.buffer += chunk[0..<count]
+        while let newline = client.buffer.firstIndex(of: UInt8(ascii: "\n")) {
+            let line = Array(client.buffer[..<newline])
+            client.buffer.removeSubrange(...newline)
+            if line.allSatisfy({ $0 == 0x20 || $0 == 0x0D || $0 == 0x09 }) { continue }
+            let (reply, after) = handle(line)
+            send(reply, to: client)
+            after?()
+        }
+        if client.buffer.count > Self.maximumLine {
+            send(Self.error("GenericError", "request line longer than \(Self.maximumLine) bytes", id: nil), to: client)
+            return false
+        }
+        return true
+    }
+
+    private func send(_ value: JSONValue, to client: Client) {
+        let line = Array((value.rendered() + "\n").utf8)
+        var done = 0
+        while done < line.count {
+            // MSG_NOSIGNAL: a client that went away must not kill hvrun with SIGPIPE.
+            let sent = line.withUnsafeBytes { Glibc.send(client.fd, $0.baseAddress! + done, $0.count - done, Int32(MSG_NOSIGNAL)) }
+            if sent < 0 { if errno == EINTR { continue } else { return } }
+            done += sent
+        }
+    }
+
+    static func error(_ errorClass: String, _ description: String, id: JSONValue?) -> JSONValue {
+        var members: [(String, JSONValue)] = [("error", .object([("class", .string(errorClass)), ("desc", .string(description))]))]
+        if let id { members.append(("id", id)) }
+        return .object(members)
+    }
+
+    static func success(_ value: [(String, JSONValue)], id: JSONValue?) -> JSONValue {
+        var members: [(String, JSONValue)] = [("return", .object(value))]
+        if let id { members.append(("id", id)) }
+        return .object(members)
+    }
+
+    /// One request → one reply, and what to do once the reply is sent (end the run).
+    func handle(_ line: [UInt8]) -> (JSONValue, (() -> Void)?) {
+        let request: JSONValue
+        do throws(JSONParseError) { request = try JSONValue.parse(line) } catch {
+            return (Self.error("GenericError", "\(error)", id: nil), nil)
+        }
+        let id = request["id"]
+        guard case .object = request, let verb = request["execute"]?.stringValue else {
+            return (Self.error("GenericError", "a request is an object with \"execute\": VERB", id: id), nil)
+        }
+        let arguments = request["arguments"] ?? .object([])
+        guard case .object = arguments else { return (Self.error("GenericError", "\"arguments\" must be an object", id: id), nil) }
+        do throws(ControlError) {
+            switch verb {
+            case "info":
+                return (Self.success(info(), id: id), nil)
+            case "pause":
+                try run { () throws(MachineError) in try machine.pause() }
+                return (Self.success([("state", .string(machine.runState.rawValue))], id: id), nil)
+            case "resume":
+                try run { () throws(MachineError) in try machine.resume() }
+                return (Self.success([("state", .string(machine.runState.rawValue))], id: id), nil)
+            case "save", "snapshot":
+                guard let path = arguments["path"]?.stringValue, !path.isEmpty else {
+                    return (Self.error("GenericError", "\(verb) needs {\"path\": DIRECTORY}", id: id), nil)
+                }
+                let result = try save(to: path)
+                if verb == "save" {
+                    return (Self.success(result, id: id), { [machine] in machine.finish(.saved(path)) })
+                }
+                return (Self.success(result, id: id), nil)
+            case "stop":
+                return (Self.success([], id: id), { [machine] in machine.finish(.stopped) })
+            default:
+                return (Self.error("CommandNotFound", "unknown command \(verb); known: info, pause, resume, save, snapshot, stop", id: id), nil)
+            }
+        } catch {
+            return (Self.error("GenericError", error.description, id: id), nil)
+        }
+    }
+
+    private func run(_ body: () throws(MachineError) -> Void) throws(ControlError) {
+        do throws(MachineError) { try body() } catch { throw .failed(error.description) }
+    }
+
+    private func info() -> [(String, JSONValue)] {
+        [("state", .string(machine.runState.rawValue)),
+         ("vcpus", .number(Int64(machine.configuration.cpuCount))),
+         ("memory_bytes", .number(Int64(machine.configuration.memorySize))),
+         ("uptime_s", .double((machine.uptimeSeconds * 1000).rounded() / 1000))]
+    }
+
+    /// Pauses (if running), writes the snapshot durably, and reports it; the machine stays paused.
+    func save(to path: String) throws(ControlError) -> [(String, JSONValue)] {
+        let start = monotonicNanoseconds()
+        try run { () throws(MachineError) in try machine.pause() }
+        let paused = monotonicNanoseconds()
+        do throws(SnapshotError) {
+            let written = try machine.snapshot(to: path)
+            let end = monotonicNanoseconds()
+            return [("path", .string(path)), ("memory_bytes_written", .number(Int64(written.memoryBytes))),
+                    ("state_bytes", .number(Int64(written.stateBytes))),
+                    ("pause_ms", .double(Double((paused - start) / 1000) / 1000)),
+                    ("total_ms", .double(Double((end - start) / 1000) / 1000))]
+        } catch {
+            throw .failed(error.description)
+        }
+    }
+}
+
+public enum ControlError: Error, Sendable, CustomStringConvertible {
+    case exists(path: String)
+    case inUse(path: String)
+    case pathTooLong(path: String)
+    case system(path: String, operation: String, errno: Int32)
+    case failed(String)
+
+    public var description: String {
+        switch self {
+        case let .exists(path): "\(path) exists and is not a socket; choose another --control path"
+        case let .inUse(path): "\(path) is the control socket of a running hvrun; choose another --control path"
+        case let .pathTooLong(path): "\(path) is longer than a Unix socket path may be (107 bytes)"
+        case let .system(path, operation, errno): "control socket \(path): \(operation) failed: \(SystemError.describe(errno))"
+        case let .failed(message): message
+        }
+    }
+}
