@@ -11,7 +11,7 @@ struct DiskCommand: ParsableCommand {
         commandName: "disk",
         abstract: "Create, inspect and convert VHDX disks.",
         subcommands: [DiskCreate.self, DiskInfo.self, DiskCheck.self, DiskConvert.self, DiskMerge.self,
-                      DiskResize.self, DiskCompact.self, DiskCrashWriter.self, DiskBenchIO.self]
+                      DiskResize.self, DiskCompact.self]
     )
 }
 
