@@ -47,10 +47,23 @@ let package = Package(
         .testTarget(
             name: "HyperCoreTests",
             dependencies: [
-                "HyperCore", "CKVM",
+                "HyperCore", "CKVM", "DiskTestWorkload", "disk-test-tool",
                 .product(name: "PropertyBased", package: "swift-property-based"),
             ],
             exclude: ["Fixtures"],
+            swiftSettings: strictSwift
+        ),
+        // Test support, not products: the crash test's deterministic workload, and the process the
+        // crash test kills and Benchmarks/disk times (Tests/DiskTestSupport/Tool/main.swift).
+        .target(
+            name: "DiskTestWorkload",
+            path: "Tests/DiskTestSupport/Workload",
+            swiftSettings: strictSwift
+        ),
+        .executableTarget(
+            name: "disk-test-tool",
+            dependencies: ["HyperCore", "DiskTestWorkload"],
+            path: "Tests/DiskTestSupport/Tool",
             swiftSettings: strictSwift
         ),
         // libFuzzer target over the virtqueue walker (Docs/virtio.md); a replay tool in normal builds.

@@ -3,7 +3,7 @@
 #   (a) one-shot lifecycle: process start -> guest reset -> process exit;
 #   (b) a userspace port-I/O exit round trip, as the guest measures it.
 # Docs/benchmarks.md explains the numbers. Environment knobs:
-#   HVRUN (default .build/release/hvrun), RUNS (20), QEMU_RUNS (3),
+#   HVRUN (default: the binary Scripts/install.sh builds, built now with --build-only), RUNS (20), QEMU_RUNS (3),
 #   PIO_N (200000 exits per run), PIO_RUNS (3).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -11,7 +11,11 @@ cd "$root"
 make -s -C Tests/Guests OUT="$root/Benchmarks/out/guests" >/dev/null
 make -s -C Benchmarks/cfloor OUT="$root/Benchmarks/out"
 
-export HVRUN=${HVRUN:-.build/release/hvrun}
+# Measure exactly what a user installs: Scripts/install.sh's release, fully static build.
+if [[ -z "${HVRUN:-}" ]]; then
+    HVRUN=$(Scripts/install.sh --build-only)
+fi
+export HVRUN
 export GUESTS=$root/Benchmarks/out/guests FLOOR=$root/Benchmarks/out/floor MEASURE=$root/Benchmarks/out/measure
 exec python3 - <<'PY'
 import os, re, statistics, subprocess, time

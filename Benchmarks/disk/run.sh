@@ -2,13 +2,14 @@
 # Disk benchmarks: hvrun's VHDX code against qemu-img / qemu-io on the same inputs, side by side.
 #
 #   Benchmarks/disk/run.sh            # builds hvrun in release mode first
-#   HVRUN=/path/to/hvrun Benchmarks/disk/run.sh
+#   HVRUN=/path/to/hvrun DISK_TOOL=/path/to/disk-test-tool Benchmarks/disk/run.sh
 #
 # 1. convert: a 2 GiB dynamic VHDX (16 MiB blocks, every other block written) to raw, with
 #    `hvrun disk convert` and `qemu-img convert -f vhdx -O raw`; outputs must be identical.
 # 2. random 4 KiB writes into a fresh 8 GiB dynamic VHDX (every write allocates or hits a new
 #    block), a flush every 64 writes: throughput and fdatasync/fsync calls per allocated block,
-#    `hvrun disk _bench-io` vs `qemu-io` running the same script.
+#    `disk-test-tool bench-io` (Tests/DiskTestSupport: the same VHDX library code hvrun uses) vs
+#    `qemu-io` running the same script.
 # Runs are warm-cache; each is repeated REPEAT times (default 3) and the best time is shown.
 set -euo pipefail
 cd "$(dirname "$0")/../.."
@@ -19,6 +20,10 @@ mkdir -p "$OUT"
 if [[ -z "${HVRUN:-}" ]]; then
     swift build -c release --scratch-path .build-bench --product hvrun >/dev/null
     HVRUN=.build-bench/release/hvrun
+fi
+if [[ -z "${DISK_TOOL:-}" ]]; then
+    swift build -c release --scratch-path .build-bench --product disk-test-tool >/dev/null
+    DISK_TOOL=.build-bench/release/disk-test-tool
 fi
 command -v qemu-img >/dev/null || { echo "qemu-img not installed (apt-get install qemu-utils)"; exit 1; }
 
@@ -68,7 +73,7 @@ for i in range(n):
     print(f"write -P 0x{i % 250 + 1:02x} {random.randrange(size // 4096) * 4096} 4k")
     if (i + 1) % 64 == 0: print("flush")
 PY
-run_ours() { "$HVRUN" disk _bench-io "$1" "$SCRIPT"; }
+run_ours() { "$DISK_TOOL" bench-io "$1" "$SCRIPT"; }
 run_qemu() { qemu-io "$1" < "$SCRIPT" > /dev/null; }
 for who in ours qemu; do
     times=()
@@ -81,7 +86,7 @@ for who in ours qemu; do
     t=$(printf '%s\n' "${times[@]}" | best)
     # fsync-family calls, counted once with strace on a fresh image.
     img=$OUT/w-$who.vhdx; rm -f "$img"; qemu-img create -q -f vhdx -o block_size=32M "$img" 8G
-    syncs=$(strace -f -c -e trace=fsync,fdatasync,sync_file_range -o "$OUT/strace-$who.txt" bash -c "$(declare -f "run_$who"); HVRUN=$HVRUN SCRIPT=$SCRIPT run_$who $img" >/dev/null 2>&1;
+    syncs=$(strace -f -c -e trace=fsync,fdatasync,sync_file_range -o "$OUT/strace-$who.txt" bash -c "$(declare -f "run_$who"); DISK_TOOL=$DISK_TOOL SCRIPT=$SCRIPT run_$who $img" >/dev/null 2>&1;
             awk '$NF ~ /^(fsync|fdatasync|sync_file_range)$/ { s += $4 } END { print s + 0 }' "$OUT/strace-$who.txt")
     blocks=$(python3 - "$img" <<'PY'
 import struct, sys

@@ -11,7 +11,7 @@ struct DiskCommand: ParsableCommand {
         commandName: "disk",
         abstract: "Create, inspect and convert VHDX disks.",
         subcommands: [DiskCreate.self, DiskInfo.self, DiskCheck.self, DiskConvert.self, DiskMerge.self,
-                      DiskResize.self, DiskCompact.self, DiskCrashWriter.self, DiskBenchIO.self]
+                      DiskResize.self, DiskCompact.self]
     )
 }
 
@@ -91,6 +91,12 @@ struct DiskCreate: ParsableCommand {
     @Option(name: .customLong("logical-sector"), help: "512 or 4096.") var logicalSector: UInt32?
     @Option(name: .customLong("physical-sector"), help: "512 or 4096.") var physicalSector: UInt32 = 4096
     @Option(help: "Parent disk: creates a differencing disk.") var parent: String?
+
+    /// Sizes are checked while parsing, so a bad one is reported with `disk create`'s usage.
+    func validate() throws {
+        _ = try size.map(parseSize)
+        _ = try blockSize.map(parseSize)
+    }
 
     func run() throws {
         guard let format = DiskFormat.fromExtension(path) else {
@@ -286,6 +292,8 @@ struct DiskConvert: ParsableCommand {
     @Flag(help: "Replace the destination if it exists.") var force = false
     @Flag(name: .customLong("no-sync"), help: "Skip the final flush of a raw destination (like qemu-img's default cache=unsafe).") var noSync = false
 
+    func validate() throws { _ = try blockSize.map(parseSize) }
+
     func run() throws {
         let fmt: DiskFormat
         if let format {
@@ -338,6 +346,8 @@ struct DiskResize: ParsableCommand {
 
     @Argument var path: String
     @Option(help: "New virtual size, e.g. 20G.") var size: String
+
+    func validate() throws { _ = try parseSize(size) }
 
     func run() throws {
         let bytes = try parseSize(size)

@@ -1,11 +1,15 @@
 import ArgumentParser
 import HyperCore
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// `hvrun run`: boot a guest, connect its console to the terminal, exit with the guest.
 ///
 /// Exit status: 0 when the guest resets or powers off; the byte the guest wrote to the debug-exit
 /// port (0x501); 3 when the guest fails (triple fault, KVM internal error); 124 when --timeout
-/// expires; 130 on Ctrl-C; 1 for a host or usage error.
+/// expires; 130 on Ctrl-C (SIGINT), 143 on SIGTERM; 1 for a host or usage error. Every disk is
+/// closed cleanly (``RunDisks/closeAll()``) before the process exits, however the run ended.
 struct RunCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "run",
@@ -15,7 +19,7 @@ struct RunCommand: ParsableCommand {
             the 64-bit boot protocol, an ELF through PVH (Tests/Linux/make-guest.sh builds both and an \
             initramfs). The guest's serial console (COM1) is this terminal.
             Exit status: 0 guest reset or power-off; N the guest wrote N to the debug-exit port 0x501; \
-            3 guest failure (triple fault, KVM internal error); 124 --timeout expired; 130 interrupted; \
+            3 guest failure (triple fault, KVM internal error); 124 --timeout expired; 130 SIGINT, 143 SIGTERM; \
             1 host or usage error.
             """
     )
@@ -36,16 +40,17 @@ struct RunCommand: ParsableCommand {
     @Option(name: [.short, .long], help: ArgumentHelp("Number of vCPUs; default 1. With --restore, must match the snapshot.", valueName: "n"))
     var cpus: Int?
 
-    @Option(help: ArgumentHelp("Stop the guest after this many seconds (exit status 124).", valueName: "seconds"))
+    // .unconditional: `--timeout -1` is a (bad) value, not a missing one followed by an option.
+    @Option(parsing: .unconditional, help: ArgumentHelp("Stop the guest after this many seconds (exit status 124).", valueName: "seconds"))
     var timeout: Double?
 
     @Option(help: ArgumentHelp("Also write the console output to this file.", valueName: "file"), completion: .file())
     var consoleLog: String?
 
     @Option(name: .customLong("disk"),
-            help: ArgumentHelp("A virtio-blk disk: a raw or VHDX image, `,readonly` to attach it read-only. Repeatable.",
+            help: ArgumentHelp("A virtio-blk disk: a raw or VHDX image, `,readonly` (or `,ro`) to attach it read-only. Repeatable.",
                                valueName: "path[,readonly]"),
-            completion: .file())
+            completion: .file(), transform: DiskOption.parse)
     var disks: [DiskOption] = []
 
     @Option(help: ArgumentHelp("Where the guest console is: `serial` (COM1, ttyS0) or `virtio` (virtio-console port 0, hvc0; COM1 stays too).",
@@ -84,6 +89,10 @@ struct RunCommand: ParsableCommand {
         if let cpus, !(1...MachineConfiguration.maximumCPUs).contains(cpus) {
             throw ValidationError("--cpus must be between 1 and \(MachineConfiguration.maximumCPUs)")
         }
+        let memoryRange = (minimum: UInt64(1) << 20, maximum: GuestLayout.maximumRAM)
+        if let memory, !(memoryRange.minimum...memoryRange.maximum).contains(memory.bytes) || memory.bytes % 4096 != 0 {
+            throw ValidationError("--memory \(memory) is out of range: use a multiple of 4K between \(ByteCount(bytes: memoryRange.minimum)) and \(ByteCount(bytes: memoryRange.maximum)), e.g. 256M or 2G")
+        }
         if let timeout, !(timeout > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
         if initrd != nil, kernel == nil { throw ValidationError("--initrd needs --kernel") }
         if restore != nil {
@@ -98,22 +107,54 @@ struct RunCommand: ParsableCommand {
     }
 
     func run() throws {
-        // SIGUSR1 is blocked before any thread exists, so only the saver thread receives it.
+        // SIGUSR1 (with --save-on-signal), SIGINT and SIGTERM are blocked and collected before any
+        // disk is opened or thread started, so each ends in the same orderly shutdown: stop the
+        // machine, close every disk, then exit.
         let saveSignal = saveOnSignal.map { SaveOnSignal(directory: $0) }
         let session = TerminalSession()
+        let stop = StopRequest()
+        session.onInterrupt { stop.request(signal: $0) }
+        let openDisks = RunDisks()
+        var status: Int32
+        do {
+            status = try runMachine(disks: openDisks, session: session, stop: stop, saveSignal: saveSignal)
+        } catch {
+            session.restore()
+            for failure in openDisks.closeAll() { printError("hvrun: \(failure)") }
+            throw error
+        }
+        session.restore()
+        let failures = openDisks.closeAll()
+        for failure in failures { printError("hvrun: \(failure)") }
+        if !failures.isEmpty, status == 0 { status = 1 }
+        throw ExitCode(status)
+    }
+
+    /// Builds the machine (booting or restoring), serves its control socket, runs it to the end
+    /// and returns the exit status. The caller closes `opened` whatever happens here.
+    private func runMachine(disks opened: RunDisks, session: TerminalSession, stop: StopRequest,
+                            saveSignal: SaveOnSignal?) throws -> Int32 {
         let origin = BootTimer.processStart() ?? BootTimer.now()
         let entered = BootTimer.now()
-        let machine = restore == nil ? try bootMachine() : try restoreMachine()
+        let machine = restore == nil ? try bootMachine(disks: opened) : try restoreMachine(disks: opened)
         let built = BootTimer.now()
+        guard !stop.attach(machine) else {
+            printError("hvrun: interrupted; the guest was not started")
+            return 128 + (stop.signal ?? SIGINT)
+        }
         // With a virtio console, host input goes to hvc0 (its I/O thread reads stdin), not COM1.
         if !machine.configuration.virtioDevices.contains(where: { if case .console = $0.kind { true } else { false } }) {
             session.forwardInput(to: machine.serial)
         }
-        session.onInterrupt { machine.stop() }
         let server = try control.map { path throws(ControlError) in try ControlServer(path: path, machine: machine) }
-        try server?.start()
         defer { server?.close() }
-        try machine.start(paused: paused)
+        do {
+            try server?.start()
+            try machine.start(paused: paused)
+        } catch {
+            machine.stop()
+            throw error
+        }
         if restore != nil, bootTime {
             func ms(_ from: UInt64, _ to: UInt64) -> String {
                 let tenths = (to &- from) / 100_000
@@ -125,9 +166,8 @@ struct RunCommand: ParsableCommand {
         saveSignal?.watch(machine)
         let exit = machine.wait(timeout: timeout.map { .milliseconds(Int64(($0 * 1000).rounded())) })
         server?.close()
-        session.restore()
-        if let timer = machine.configuration.bootTimer, bootTime { printError("hvrun: boot time\n" + timer.report()) }
-        throw ExitCode(Self.status(for: exit, interrupted: session.wasInterrupted))
+        if restore == nil, let timer = machine.configuration.bootTimer { printError("hvrun: boot time\n" + timer.report()) }
+        return Self.status(for: exit, signal: stop.signal)
     }
 
     private var consoleOutput: any ConsoleOutput {
@@ -137,8 +177,8 @@ struct RunCommand: ParsableCommand {
         }
     }
 
-    /// A machine from a snapshot directory (`--restore`).
-    private func restoreMachine() throws -> Machine {
+    /// A machine from a snapshot directory (`--restore`); its disks are handed to `opened` to close.
+    private func restoreMachine(disks opened: RunDisks) throws -> Machine {
         var options = RestoreOptions()
         options.console = try consoleOutput
         options.virtioConsoleInput = 0
@@ -147,11 +187,15 @@ struct RunCommand: ParsableCommand {
         options.expectedCPUCount = cpus
         options.expectedMemorySize = memory?.bytes
         if bootTime { options.bootTimer = BootTimer(origin: BootTimer.processStart() ?? BootTimer.now()) }
-        return try Machine(restoring: restore!, options: options)
+        let machine = try Machine(restoring: restore!, options: options)
+        for device in machine.configuration.virtioDevices {
+            if case let .block(backend, _) = device.kind { opened.adopt(backend, path: (backend as? VHDXImage)?.path ?? (backend as? RawImage)?.path ?? "disk") }
+        }
+        return machine
     }
 
-    /// A machine that boots a kernel (or the embedded guest).
-    private func bootMachine() throws -> Machine {
+    /// A machine that boots a kernel (or the embedded guest), with its disks opened into `opened`.
+    private func bootMachine(disks opened: RunDisks) throws -> Machine {
         let boot: MachineConfiguration.Boot
         if let kernel {
             let kernelBytes = try ImageFile.read(kernel)
@@ -173,13 +217,11 @@ struct RunCommand: ParsableCommand {
             let policy = try CPUIDPolicy.parse(cpuid)
             configuration.cpuidPolicy = { policy.apply(to: &$0) }
         }
-        let timer = bootTime ? BootTimer(origin: BootTimer.processStart() ?? BootTimer.now()) : nil
-        configuration.bootTimer = timer
+        configuration.bootTimer = bootTime ? BootTimer(origin: BootTimer.processStart() ?? BootTimer.now()) : nil
         configuration.console = try consoleOutput
-
         let transport: VirtioDeviceConfiguration.Transport = virtioTransport == .mmio ? .mmio : .pci
-        for (index, disk) in disks.enumerated() {
-            let backend = try openDisk(path: disk.path, readOnly: disk.readOnly)
+        for (index, disk) in self.disks.enumerated() {
+            let backend = try opened.open(disk)
             configuration.virtioDevices.append(.init(.block(backend, identifier: "hvrun-disk\(index)"), transport: transport))
         }
         if console == .virtio {
@@ -190,7 +232,8 @@ struct RunCommand: ParsableCommand {
     }
 
     /// Maps how the run ended to the process exit status (and says why on stderr when it failed).
-    static func status(for exit: MachineExit, interrupted: Bool) -> Int32 {
+    /// `signal` is the SIGINT or SIGTERM that stopped the run, if one did (status 128 + signal).
+    static func status(for exit: MachineExit, signal: Int32?) -> Int32 {
         switch exit {
         case .reset, .powerOff, .halted:
             return 0
@@ -205,8 +248,9 @@ struct RunCommand: ParsableCommand {
         case .saved:
             return 0
         case .stopped:
-            if interrupted { printError("hvrun: interrupted; the guest was stopped") }
-            return interrupted ? 130 : 0
+            guard let signal else { return 0 }
+            printError("hvrun: interrupted (\(signal == SIGTERM ? "SIGTERM" : "SIGINT")); the guest was stopped")
+            return 128 + signal
         case let .hostError(message):
             printError("hvrun: \(message)")
             return 1
@@ -214,22 +258,34 @@ struct RunCommand: ParsableCommand {
     }
 }
 
-/// `--disk PATH[,readonly]`.
-struct DiskOption: ExpressibleByArgument, Sendable {
+/// `--disk PATH[,OPTION...]`: the path, then comma-separated options; an unknown option is refused
+/// by name (it used to become part of the file name).
+struct DiskOption: Sendable, Equatable {
     let path: String
     let readOnly: Bool
 
-    init?(argument: String) {
-        var parts = argument.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
-        var readOnly = false
-        while let last = parts.last, parts.count > 1, last == "readonly" || last == "ro" {
-            readOnly = true
-            parts.removeLast()
-        }
-        let path = parts.joined(separator: ",")
-        guard !path.isEmpty else { return nil }
+    /// The options `--disk` accepts after the path.
+    static let validOptions = ["readonly", "ro"]
+
+    init(path: String, readOnly: Bool) {
         self.path = path
         self.readOnly = readOnly
+    }
+
+    /// Parses `PATH[,readonly]`; the error says which option is unknown and lists the valid ones.
+    static func parse(_ argument: String) throws -> DiskOption {
+        var parts = argument.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
+        let path = parts.removeFirst()
+        guard !path.isEmpty else { throw ValidationError("--disk needs a file name before any option, as in --disk disk.vhdx,readonly") }
+        var readOnly = false
+        for option in parts {
+            switch option {
+            case "readonly", "ro": readOnly = true
+            default:
+                throw ValidationError("unknown disk option '\(option)' in --disk \(argument) (valid options: \(validOptions.joined(separator: ", ")))")
+            }
+        }
+        return DiskOption(path: path, readOnly: readOnly)
     }
 }
 

@@ -2,7 +2,7 @@ import ArgumentParser
 
 /// A byte count written the way people write them: `256M`, `2G`, `512K`, `1T`, or plain bytes
 /// with a `B` suffix. A bare number means MiB (as QEMU's -m does).
-struct ByteCount: ExpressibleByArgument, Sendable, Equatable {
+struct ByteCount: ExpressibleByArgument, CustomStringConvertible, Sendable, Equatable {
     let bytes: UInt64
 
     init(bytes: UInt64) { self.bytes = bytes }
@@ -27,10 +27,22 @@ struct ByteCount: ExpressibleByArgument, Sendable, Equatable {
             unit = multiplier
             digits = digits.dropLast()
         }
-        guard let number = UInt64(digits), number > 0 else { return nil }
+        guard let number = UInt64(digits) else { return nil }
         let (product, overflow) = number.multipliedReportingOverflow(by: unit)
         return overflow ? nil : product
     }
 
     static var defaultCompletionKind: CompletionKind { .default }
+
+    /// How `--help` shows a default: `256M`, not the struct's fields.
+    var defaultValueDescription: String { description }
+
+    /// The largest binary unit that divides the count: `256M`, `2G`, `1536K`, `100B`.
+    var description: String {
+        for (suffix, shift) in [("T", 40), ("G", 30), ("M", 20), ("K", 10)] as [(String, UInt64)]
+        where bytes != 0 && bytes % (1 << shift) == 0 {
+            return "\(bytes >> shift)\(suffix)"
+        }
+        return bytes == 0 ? "0" : "\(bytes)B"
+    }
 }

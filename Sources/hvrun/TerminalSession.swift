@@ -42,9 +42,10 @@ final class TerminalSession: @unchecked Sendable {
         }
     }
 
-    /// Calls `handler` (on a background thread) on SIGINT or SIGTERM. The signals are blocked in
-    /// every thread and collected with sigwait, so no Swift code runs in a signal handler.
-    func onInterrupt(_ handler: @escaping @Sendable () -> Void) {
+    /// Calls `handler` with the signal number (on a background thread) on SIGINT or SIGTERM. The
+    /// signals are blocked in every thread and collected with sigwait, so no Swift code runs in a
+    /// signal handler. Call it before creating other threads, so they inherit the blocked mask.
+    func onInterrupt(_ handler: @escaping @Sendable (Int32) -> Void) {
         var signals = sigset_t()
         sigemptyset(&signals)
         sigaddset(&signals, SIGINT)
@@ -56,7 +57,7 @@ final class TerminalSession: @unchecked Sendable {
             var set = waited
             guard sigwait(&set, &received) == 0 else { return }
             interrupted = true
-            handler()
+            handler(received)
         }
     }
 

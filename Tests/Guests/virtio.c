@@ -9,7 +9,9 @@
  * Command line: dev=N, mmio=1 (use virtio-mmio), irq=1 (wait for MSI-X
  * interrupts with hlt instead of polling the used ring), ro=1 (expect a
  * read-only disk), rx=1 (console: also read a line of input), bench=1 with
- * bs=BYTES, depth=N, count=N, rand=1 (blk throughput run).
+ * bs=BYTES, depth=N, count=N, rand=1 (blk throughput run), end=N (blk: how the
+ * run ends once the checks are done: 0 debug exit, 1 i8042 reset, 2 print
+ * `parked` and spin with interrupts off, 3 triple fault).
  *
  * Every printed key=value line must be the same on HyperCore and QEMU.
  * The transport and virtqueue code is rt/virtio.c, shared with stateful.c.
@@ -27,6 +29,26 @@
 #define LAPIC 0xfee00000ul
 
 #define fail virtio_fail
+
+/* How the blk test ends (end=N), so a test can check that the VMM closes the
+ * disk the guest wrote to however the run ends. */
+static void end_run(const char *cmdline)
+{
+	static const struct { u16 limit; u64 base; } __attribute__((packed)) no_idt = { 0, 0 };
+	u64 end = 0;
+	cmdline_uint(cmdline, "end", &end);
+	switch (end) {
+	case 1:
+		i8042_reset();
+	case 2:
+		printf("parked\n");
+		for (;;) __asm__ volatile("cli");
+	case 3:
+		/* #UD with an empty IDT: #GP, #DF, triple fault. */
+		__asm__ volatile("lidt %0; ud2" :: "m"(no_idt));
+	}
+	debug_exit(EXIT_VIRTIO);
+}
 
 /* ---- transport (rt/virtio.c) ---- */
 
@@ -309,7 +331,7 @@ static void test_blk(const char *cmdline)
 	if (use_irq)
 		printf("interrupts=%s\n", irq_count > 0 ? "yes" : "no");
 	printf("status=0x%x\n", get_status());
-	debug_exit(EXIT_VIRTIO);
+	end_run(cmdline);
 }
 
 /* ---- virtio-console ---- */

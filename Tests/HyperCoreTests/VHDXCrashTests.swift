@@ -1,8 +1,9 @@
 import Foundation
 import Testing
 @testable import HyperCore
+import DiskTestWorkload
 
-/// A writer process (`hvrun disk _crash-writer`) is killed with SIGKILL at a random moment during
+/// A writer process (`disk-test-tool crash-writer`, Tests/DiskTestSupport) is killed with SIGKILL at a random moment during
 /// its writes and flushes. Reopening must replay the log, `check` must be clean, and every write
 /// acknowledged by a completed flush must be there; a sector may hold a later, unflushed write, but
 /// never anything else.
@@ -13,8 +14,8 @@ import Testing
 
     @Test(arguments: [false, true])
     func killedWriterLosesNoFlushedWrite(differencing: Bool) throws {
-        guard let hvrun = VHDXTestSupport.hvrunPath else {
-            Issue.record("hvrun binary not found next to the test bundle; build it with swift build")
+        guard let tool = VHDXTestSupport.builtExecutable("disk-test-tool") else {
+            Issue.record("disk-test-tool not found next to the test bundle; build it with swift build --build-tests")
             return
         }
         let iterations = Int(ProcessInfo.processInfo.environment["VHDX_CRASH_ITERATIONS"] ?? "") ?? 40
@@ -40,8 +41,8 @@ import Testing
                 try VHDXImage.create(path: path, options: VHDXCreateOptions(virtualSize: Self.diskSize, blockSize: 1 << 20))
             }
             let p = Process()
-            p.executableURL = URL(fileURLWithPath: hvrun)
-            p.arguments = ["disk", "_crash-writer", path, "--seed", "\(seed)", "--ops", "\(ops)", "--flush-every", "\(Int.random(in: 1...8))"]
+            p.executableURL = URL(fileURLWithPath: tool)
+            p.arguments = ["crash-writer", path, "--seed", "\(seed)", "--ops", "\(ops)", "--flush-every", "\(Int.random(in: 1...8))"]
             let pipe = Pipe()
             p.standardOutput = pipe
             p.standardError = FileHandle.nullDevice

@@ -1,6 +1,7 @@
 import Foundation
 import Testing
 @testable import HyperCore
+import DiskTestWorkload
 
 /// Power loss, not just SIGKILL: every write, truncate and fdatasync of a workload is recorded, then
 /// the disk states a power cut could leave are rebuilt — everything before the last completed sync,

@@ -75,7 +75,10 @@ enum VHDXTestSupport {
     static func qemuIO(_ args: [String]) -> ProcessResult { run(which("qemu-io")!, args) }
 
     /// The hvrun binary built next to the test bundle (.build/<config>/hvrun).
-    static var hvrunPath: String? {
+    static var hvrunPath: String? { builtExecutable("hvrun") }
+
+    /// An executable of this package built next to the test bundle (.build/<config>/NAME).
+    static func builtExecutable(_ name: String) -> String? {
         var dir = URL(fileURLWithPath: CommandLine.arguments[0]).resolvingSymlinksInPath()
         if let exe = try? FileManager.default.destinationOfSymbolicLink(atPath: "/proc/self/exe") {
             dir = URL(fileURLWithPath: exe)
@@ -83,7 +86,7 @@ enum VHDXTestSupport {
         // Walk up from the test binary (inside the .xctest bundle) to the build folder.
         for _ in 0..<5 {
             dir = dir.deletingLastPathComponent()
-            let candidate = dir.appendingPathComponent("hvrun").path
+            let candidate = dir.appendingPathComponent(name).path
             if FileManager.default.isExecutableFile(atPath: candidate) { return candidate }
         }
         return nil

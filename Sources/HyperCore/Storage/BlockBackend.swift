@@ -23,6 +23,12 @@ public protocol BlockBackend: AnyObject, Sendable {
     func discard(offset: UInt64, length: UInt64) throws(BlockError)
     /// Makes a range read as zeroes.
     func writeZeroes(offset: UInt64, length: UInt64) throws(BlockError)
+    /// Ends the session cleanly: flushes and, for VHDX, applies the log and rewrites both headers
+    /// with a zero LogGuid, so other tools (qemu-img, Hyper-V) open the file without a replay.
+    /// Call it once no device can issue more I/O (after the machine has stopped); later calls do
+    /// nothing. Conformers throw their own typed error (``BlockError`` for raw files,
+    /// ``VHDXError`` for VHDX), whose message names the file.
+    func close() throws
 }
 
 /// Why a block request failed. Messages name the file and offset so a user can act on them.

@@ -4,8 +4,9 @@ internal import Glibc
 #endif
 
 /// Copies any disk (raw, or a VHDX with its whole parent chain) into a new raw or VHDX file.
-/// Regions that read as zeros are never written: a raw target stays sparse, a dynamic VHDX target
-/// leaves those blocks unallocated.
+/// Regions that read as zeros are never written: a raw target stays sparse (holes where the source
+/// has none or zeros), a dynamic VHDX target leaves those blocks not present and the zero parts of
+/// its allocated blocks as holes.
 public enum DiskConverter {
     public struct Target: Sendable {
         public var path: String
@@ -62,7 +63,12 @@ public enum DiskConverter {
                 do throws(VHDXError) {
                     switch plan[k] {
                     case let .copy(from, to, length):
-                        try sink.file.copy(from: source.file, at: from, to: to, length: length)
+                        // Only the parts of the block the source file holds data for: its holes
+                        // (never written since the block was allocated) stay holes in the target.
+                        for extent in source.file.dataExtents(offset: from, length: length) {
+                            try sink.file.copy(from: source.file, at: extent.lowerBound, to: to + (extent.lowerBound - from),
+                                               length: UInt64(extent.count))
+                        }
                     case let .read(at, length):
                         if buffer.isEmpty { buffer = [UInt8](repeating: 0, count: Int(bs)) }
                         let r: Result<Void, VHDXError> = buffer.withUnsafeMutableBytes { buf in
@@ -124,9 +130,10 @@ public enum DiskConverter {
                 let piece = UnsafeMutableRawBufferPointer(rebasing: buf[0..<Int(n)])
                 do throws(BlockError) {
                     try source.read(into: piece, at: pos)
-                    // Write only the non-zero 1 MiB pieces (a whole block for VHDX targets, so
-                    // each block is allocated once).
-                    let grain = vhdx.map { UInt64($0.blockSize) } ?? MiB
+                    // Write only the non-zero 1 MiB pieces: a raw target keeps holes, a VHDX target
+                    // allocates only blocks that hold data, and within a new block writes only its
+                    // non-zero pieces (the rest of a freshly allocated block is a hole reading as zeros).
+                    let grain = MiB
                     var at: UInt64 = 0
                     while at < n {
                         let k = min(grain, n - at)

@@ -197,6 +197,28 @@ extension DiskFile {
 }
 
 extension DiskFile {
+    /// The parts of `offset..<offset+length` that hold data (`SEEK_DATA`/`SEEK_HOLE`), in order;
+    /// the rest are holes and read as zeros. Where the file system cannot tell, the whole range.
+    public func dataExtents(offset: UInt64, length: UInt64) -> [Range<UInt64>] {
+        let seekData: Int32 = 3, seekHole: Int32 = 4  // <unistd.h> with _GNU_SOURCE
+        let end = offset + length
+        var extents: [Range<UInt64>] = []
+        var position = offset
+        while position < end {
+            let data = lseek(fd, off_t(position), seekData)
+            if data < 0 {
+                // ENXIO: no data from here to the end of the file. Anything else: cannot tell.
+                return errno == ENXIO ? extents : extents + [position..<end]
+            }
+            guard UInt64(data) < end else { break }
+            let hole = lseek(fd, data, seekHole)
+            let stop = hole < 0 ? end : min(end, UInt64(hole))
+            extents.append(UInt64(data)..<stop)
+            position = stop
+        }
+        return extents
+    }
+
     /// Copies `length` bytes from `source` at `sourceOffset` to this file at `offset` inside the
     /// kernel; falls back to read/write where the file systems cannot.
     public func copy(from source: DiskFile, at sourceOffset: UInt64, to offset: UInt64, length: UInt64) throws(VHDXError) {

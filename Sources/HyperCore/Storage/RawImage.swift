@@ -39,6 +39,12 @@ public final class RawImage: BlockBackend, Sendable {
         do throws(VHDXError) { try file.sync() } catch { throw error.blockError }
     }
 
+    /// A raw file has nothing to finish: close makes the data durable, as flush does.
+    public func close() throws(BlockError) {
+        guard !isReadOnly else { return }
+        try flush()
+    }
+
     public func discard(offset: UInt64, length: UInt64) throws(BlockError) {
         try writeZeroes(offset: offset, length: length)
     }

@@ -29,6 +29,7 @@ final class FuzzDisk: BlockBackend, @unchecked Sendable {
         storage.withUnsafeMutableBytes { UnsafeMutableRawBufferPointer(rebasing: $0[Int(offset)..<Int(offset) + buffer.count]).copyMemory(from: buffer) }
     }
     func flush() throws(BlockError) {}
+    func close() throws(BlockError) {}
     func discard(offset: UInt64, length: UInt64) throws(BlockError) { try validate(offset: offset, length: length) }
     func writeZeroes(offset: UInt64, length: UInt64) throws(BlockError) {
         try validate(offset: offset, length: length)

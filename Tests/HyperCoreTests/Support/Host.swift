@@ -30,9 +30,10 @@ enum TestHost {
     }()
 
     /// Runs the built hvrun with a deadline.
-    static func hvrun(_ arguments: [String], stdin: String? = nil, timeoutSeconds: Double = 60) throws -> Subprocess.Result {
+    static func hvrun(_ arguments: [String], stdin: String? = nil, timeoutSeconds: Double = 60,
+                      signal: (after: String, number: Int32)? = nil) throws -> Subprocess.Result {
         guard let hvrunPath else { throw Subprocess.Failure.spawn("hvrun (not built next to the tests)", 2) }
-        return try Subprocess.run(hvrunPath, arguments, stdin: stdin, timeoutSeconds: timeoutSeconds)
+        return try Subprocess.run(hvrunPath, arguments, stdin: stdin, timeoutSeconds: timeoutSeconds, signal: signal)
     }
 
     /// Whether an executable is on PATH.

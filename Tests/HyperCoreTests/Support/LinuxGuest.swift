@@ -20,7 +20,7 @@ enum LinuxGuest {
 
     /// Whether KVM here can run an unmodified Linux kernel to the end: hardware virtualisation
     /// (kvm_intel or kvm_amd loaded, VMX or SVM in CPUID) and not the PVM backend, whose CPL0
-    /// instruction emulator stops Linux early (see /work/shared/KVM-HERE.md).
+    /// instruction emulator stops Linux early (see Docs/hosts.md).
     static let hostRunsLinux: Bool = {
         guard TestHost.kvmUsable, access("/sys/module/kvm_pvm", F_OK) != 0 else { return false }
         let intel = access("/sys/module/kvm_intel", F_OK) == 0

@@ -20,7 +20,9 @@ struct Subprocess {
         }
     }
 
-    static func run(_ path: String, _ arguments: [String], stdin: String? = nil, timeoutSeconds: Double = 60) throws -> Result {
+    /// With `signal`, sends `signal.number` to the child once its stdout contains `signal.after`.
+    static func run(_ path: String, _ arguments: [String], stdin: String? = nil, timeoutSeconds: Double = 60,
+                    signal: (after: String, number: Int32)? = nil) throws -> Result {
         var outPipe: [Int32] = [0, 0], errPipe: [Int32] = [0, 0], inPipe: [Int32] = [0, 0]
         guard pipe(&outPipe) == 0, pipe(&errPipe) == 0, pipe(&inPipe) == 0 else { throw Failure.spawn(path, errno) }
         var actions = posix_spawn_file_actions_t()
@@ -47,6 +49,7 @@ struct Subprocess {
         var open = [outPipe[0], errPipe[0]]
         let deadline = now() + timeoutSeconds
         var timedOut = false
+        var signalSent = false
         var buffer = [UInt8](repeating: 0, count: 65536)
         while !open.isEmpty {
             let remaining = deadline - now()
@@ -58,6 +61,10 @@ struct Subprocess {
                 let count = buffer.withUnsafeMutableBytes { read(entry.fd, $0.baseAddress, $0.count) }
                 if count > 0 {
                     if entry.fd == outPipe[0] { out += buffer[0..<count] } else { err += buffer[0..<count] }
+                    if let signal, !signalSent, String(decoding: out, as: UTF8.self).contains(signal.after) {
+                        kill(pid, signal.number)
+                        signalSent = true
+                    }
                 } else {
                     close(entry.fd)
                     open.removeAll { $0 == entry.fd }

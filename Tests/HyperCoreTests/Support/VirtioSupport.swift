@@ -45,6 +45,7 @@ final class MemoryDisk: BlockBackend, @unchecked Sendable {
     }
 
     func flush() throws(BlockError) { lock.with { flushes += 1 } }
+    func close() throws(BlockError) {}
     func discard(offset: UInt64, length: UInt64) throws(BlockError) { try writeZeroes(offset: offset, length: length) }
     func writeZeroes(offset: UInt64, length: UInt64) throws(BlockError) {
         guard !isReadOnly else { throw .readOnly(path: "memory") }

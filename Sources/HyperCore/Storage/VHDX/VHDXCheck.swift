@@ -29,7 +29,7 @@ extension VHDXImage {
                 _ = try LogReplay.plan(file: file, header: pair.current, fileSize: size)
             }
         } catch {
-            report.problems.append(error.description)
+            report.problems.append(error.problemDescription)
             return report
         }
 
@@ -37,7 +37,7 @@ extension VHDXImage {
         options.validateBAT = false
         let image: VHDXImage
         do throws(VHDXError) { image = try VHDXImage(file: file, options: options) } catch {
-            report.problems.append(error.description)
+            report.problems.append(error.problemDescription)
             return report
         }
         for (i, copy) in image.regionCopies.enumerated() {
@@ -50,7 +50,7 @@ extension VHDXImage {
         }
         let h = image.headers.current
         batProblems(bat: image.bat, geometry: image.geometry, regions: image.regions, header: h,
-                    fileSize: image.fileSize, path: path, stopAtFirst: false) { report.problems.append($0.description) }
+                    fileSize: image.fileSize, path: path, stopAtFirst: false) { report.problems.append($0.problemDescription) }
         let g = image.geometry
         for b in 0..<g.payloadBlocks {
             let e = BATEntry(raw: image.bat[g.payloadIndex(b)])
@@ -60,7 +60,7 @@ extension VHDXImage {
         }
         if image.metadata.hasParent {
             do throws(VHDXError) { _ = try VHDXImage(path: path, options: OpenOptions(readOnly: true)) } catch {
-                report.problems.append(error.description)
+                report.problems.append(error.problemDescription)
             }
         }
         return report

@@ -18,13 +18,28 @@ public enum VHDXError: Error, Equatable, Sendable, CustomStringConvertible {
     case invalidArgument(String)
 
     public var description: String {
+        if case let .corrupt(path, _, _, _) = self {
+            return problemDescription + "; run `hvrun disk check \(path)` for a full report"
+        }
+        return problemDescription
+    }
+
+    /// The calls whose failure is about a place in the file; others (open, fstat, fdatasync, …)
+    /// concern the whole file and their messages carry no offset.
+    static let positionedOperations: Set<String> = ["read", "write", "I/O", "copy_file_range", "fallocate", "fallocate(PUNCH_HOLE)"]
+
+    /// The message without the advice to run `hvrun disk check` (which `check` itself reports with).
+    public var problemDescription: String {
         switch self {
         case let .io(path, operation, offset, errno):
+            guard Self.positionedOperations.contains(operation) else {
+                return "\(path): \(operation) failed: \(SystemError.describe(errno))"
+            }
             return "\(path): \(operation) failed at file offset \(offset): \(SystemError.describe(errno))"
         case let .notVHDX(path):
             return "\(path): not a VHDX file (no \"vhdxfile\" identifier at offset 0)"
         case let .corrupt(path, structure, offset, detail):
-            return "\(path): corrupt \(structure) at file offset \(offset) (0x\(String(offset, radix: 16))): \(detail); run `hvrun disk check \(path)` for a full report"
+            return "\(path): corrupt \(structure) at file offset \(offset) (0x\(String(offset, radix: 16))): \(detail)"
         case let .unsupported(path, detail):
             return "\(path): unsupported VHDX feature: \(detail)"
         case let .parent(path, detail):
