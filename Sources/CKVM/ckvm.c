@@ -210,6 +210,6 @@ long ckvm_getrandom(void *buffer, size_t length) {
 }
 
 int ckvm_rename_exchange(const char *from, const char *to) {
-    long result = syscall(SYS_renameat2, AT_FDCWD, from, AT_FDCWD, to, 1 /* RENAME_EXCHANGE */);
+    long result = syscall(SYS_renameat2, AT_FDCWD, from, AT_FDCWD, to, 2 /* RENAME_EXCHANGE */);
     return result < 0 ? -errno : 0;
 }

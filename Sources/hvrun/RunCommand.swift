@@ -149,8 +149,10 @@ struct RunCommand: ParsableCommand {
         let server = try control.map { path throws(ControlError) in try ControlServer(path: path, machine: machine) }
         defer { server?.close() }
         do {
-            try server?.start()
+            // Bound before the guest starts (a bad path fails the run first), served once it has
+            // started: a client's greeting already says running or paused.
             try machine.start(paused: paused)
+            try server?.start()
         } catch {
             machine.stop()
             throw error

@@ -119,7 +119,7 @@ struct SnapshotProcessTests {
         var output = ""
         var process = try VMProcess(try Self.arguments(setup, steps: 80, ticks: 1, disk: disk) + ["--control", socket])
         for cycle in 0..<20 {
-            let seen = Self.steps(process.output).last ?? 0
+            let seen = Self.steps(output + process.output).last ?? 0
             #expect(process.waitForLine("step=\(seen + 1)", timeoutSeconds: 20), "cycle \(cycle): \(process.output)\(process.errors)")
             #expect(process.waitForSocket(socket))
             let reply = try ControlClient(path: socket).execute("save", arguments: [("path", .string(snapshot))])

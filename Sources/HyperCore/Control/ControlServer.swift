@@ -254,8 +254,10 @@ public final class ControlServer: @unchecked Sendable {
     }
 
     /// Pauses (if running), writes the snapshot durably, and reports it; the machine stays paused.
+    /// If the snapshot cannot be written, a machine that was running runs on.
     func save(to path: String) throws(ControlError) -> [(String, JSONValue)] {
         let start = monotonicNanoseconds()
+        let wasRunning = machine.runState == .running
         try run { () throws(MachineError) in try machine.pause() }
         let paused = monotonicNanoseconds()
         do throws(SnapshotError) {
@@ -266,6 +268,7 @@ public final class ControlServer: @unchecked Sendable {
                     ("pause_ms", .double(Double((paused - start) / 1000) / 1000)),
                     ("total_ms", .double(Double((end - start) / 1000) / 1000))]
         } catch {
+            if wasRunning { try? machine.resume() }
             throw .failed(error.description)
         }
     }
