@@ -326,3 +326,58 @@ struct SnapshotBadInputTests {
         _ = bytes.withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
     }
 }
+
+@Suite("Machine pause and resume (library)", .serialized, .tags(.kvm), .enabled(if: TestHost.kvmUsable, TestHost.kvmSkipReason))
+struct MachinePauseTests {
+    static let pvmHost = access("/sys/module/kvm_pvm", F_OK) == 0
+
+    @Test("pause before start and after the end are typed errors; pausing twice is a no-op; a snapshot needs a pause",
+          .timeLimit(.minutes(1)))
+    func stateMachine() throws {
+        let configuration = try GuestRun.configuration("stateful.elf", commandLine: "steps=20 ticks=1")
+        let machine = try Machine(configuration)
+        #expect(machine.runState == .created)
+        #expect(throws: MachineError.self) { try machine.pause() }
+        #expect(throws: MachineError.self) { try machine.resume() }
+        try machine.start()
+        #expect(machine.runState == .running)
+        #expect(throws: SnapshotError.self) { try machine.captureState() }
+        try machine.pause()
+        try machine.pause()
+        #expect(machine.runState == .paused)
+        let state = try machine.captureState()
+        #expect(state.vcpus.count == 1 && !state.vcpus[0].msrs.isEmpty)
+        #expect(state.vcpus[0].msrs.contains { $0.index == 0x10 }, "the TSC is among the saved MSRs")
+        #expect(state.vm.interruptControllers.count == 3)
+        try machine.resume()
+        try machine.resume()
+        #expect(machine.runState == .running)
+        let exit = machine.wait(timeout: .seconds(30))
+        #expect(exit == .debugExit(0x41), "\((configuration.console as! BufferOutput).text)")
+        #expect(machine.runState == .ended)
+        #expect(throws: MachineError.self) { try machine.pause() }
+    }
+
+    @Test("a 1.5 s pause does not show in the guest's TSC (where KVM can offset the TSC)", .timeLimit(.minutes(1)),
+          .enabled(if: !pvmHost, "on PVM hosts guest code reads the host's TSC directly: KVM cannot offset it, so a guest's raw TSC advances through a pause"))
+    func pauseIsInvisibleToTheTSC() throws {
+        func cyclesPerTick(pausing: Bool) throws -> Double {
+            let configuration = try GuestRun.configuration("stateful.elf", commandLine: "steps=30 ticks=2")
+            let machine = try Machine(configuration)
+            try machine.start()
+            if pausing {
+                usleep(200_000)
+                try machine.pause()
+                usleep(1_500_000)
+                try machine.resume()
+            }
+            _ = machine.wait(timeout: .seconds(30))
+            let text = (configuration.console as! BufferOutput).text
+            let line = try #require(text.split(separator: "\n").first { $0.hasPrefix("info tsc_per_tick=") })
+            return Double(line.split(separator: "=")[1]) ?? 0
+        }
+        let plain = try cyclesPerTick(pausing: false)
+        let paused = try cyclesPerTick(pausing: true)
+        #expect(paused < plain * 1.5, "TSC cycles per tick: \(plain) uninterrupted, \(paused) with a 1.5 s pause")
+    }
+}

@@ -221,7 +221,9 @@ public final class ControlServer: @unchecked Sendable {
                 try run { () throws(MachineError) in try machine.pause() }
                 return (Self.success([("state", .string(machine.runState.rawValue))], id: id), nil)
             case "resume":
-                try run { () throws(MachineError) in try machine.resume() }
+                // {"clock": "catch-up"} lets the guest's clock jump by the time spent paused.
+                let keep = arguments["clock"]?.stringValue != "catch-up"
+                try run { () throws(MachineError) in try machine.resume(keepingGuestTime: keep) }
                 return (Self.success([("state", .string(machine.runState.rawValue))], id: id), nil)
             case "save", "snapshot":
                 guard let path = arguments["path"]?.stringValue, !path.isEmpty else {

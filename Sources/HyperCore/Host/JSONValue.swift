@@ -51,6 +51,12 @@ public enum JSONValue: Sendable, Equatable {
     /// RFC 8259 §7: quote, backslash and the C0 controls must be escaped; all else may pass as UTF-8.
     private static func writeString(_ value: String, to output: inout String) {
         output += "\""
+        // Most strings (names, hex-encoded KVM state) need no escape: copy them whole.
+        if value.utf8.allSatisfy({ $0 >= 0x20 && $0 != UInt8(ascii: "\"") && $0 != UInt8(ascii: "\\") }) {
+            output += value
+            output += "\""
+            return
+        }
         for scalar in value.unicodeScalars {
             switch scalar {
             case "\"": output += "\\\""

@@ -119,13 +119,15 @@ extension Machine {
         }
     }
 
-    /// Lets a paused machine continue; the guest's clock continues from where it paused.
-    /// Resuming a running machine does nothing.
-    public func resume() throws(MachineError) {
+    /// Lets a paused machine continue. By default the guest's clock continues from where it
+    /// paused (the pause is invisible to it); with `keepingGuestTime: false` the guest's clock
+    /// catches up with the time spent paused, as after a host suspend. Resuming a running machine
+    /// does nothing.
+    public func resume(keepingGuestTime: Bool = true) throws(MachineError) {
         try control.lock.withLock { () throws(MachineError) in
             try requireLive(for: "resume")
             guard control.state == .paused else { return }
-            if let pause = control.pause {
+            if keepingGuestTime, let pause = control.pause {
                 do throws(KVMError) {
                     try vm.setClock(pause.clock)
                     for vcpu in lifecycle.allVCPUs {
@@ -165,7 +167,9 @@ extension Machine {
 
     private func captureStateLocked() throws(SnapshotError) -> MachineSnapshot {
         guard lifecycle.exit.current == nil, control.state == .paused, let pause = control.pause else {
-            throw .wrongState("the machine must be paused to take a snapshot (it is \(runState.rawValue))")
+            // (control.lock is held here: read the state directly, not through `runState`.)
+            let state = lifecycle.exit.current != nil ? MachineRunState.ended : control.state
+            throw .wrongState("the machine must be paused to take a snapshot (it is \(state.rawValue))")
         }
         let vcpus = lifecycle.allVCPUs
         guard vcpus.count == configuration.cpuCount else {
