@@ -6,9 +6,9 @@
 #
 # Defaults: hvrun at 512 MiB, 2 GiB and 8 GiB, QEMU at 512 MiB and 2 GiB
 # (QEMU_MEMORY=512,2048,8192 adds QEMU at 8 GiB), 0 and 32 MiB touched,
-# 3 repeats. Environment: HVRUN (default .build-release/release/hvrun, the
+# 3 repeats. Environment: HVRUN (default .build-static/release/hvrun, the
 # fully static release build:
-#   swift build -c release -Xswiftc -static-executable --product hvrun --scratch-path .build-release),
+#   binary Scripts/install.sh builds: Scripts/install.sh --build-only),
 # MEMORY, QEMU_MEMORY, TOUCH, REPEAT, GUESTS_OUT (where stateful.elf is built;
 # default a temporary directory), WORKDIR (snapshots and logs; default a
 # temporary directory under TMPDIR, removed).
@@ -18,7 +18,7 @@
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-hvrun=${HVRUN:-$root/.build-release/release/hvrun}
+hvrun=${HVRUN:-$root/.build-static/release/hvrun}
 command -v qemu-system-x86_64 >/dev/null || { echo "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)" >&2; exit 1; }
 [ -x "$hvrun" ] || { echo "no hvrun at $hvrun (build it, or set HVRUN)" >&2; exit 1; }
 if [ -n "${GUESTS_OUT:-}" ]; then

@@ -34,10 +34,10 @@ struct RunCommand: ParsableCommand {
     @Option(help: ArgumentHelp("Kernel command line.", valueName: "string"))
     var cmdline: String = "console=ttyS0"
 
-    @Option(name: [.short, .long], help: ArgumentHelp("Guest RAM, e.g. 256M or 2G (a bare number is MiB). With --restore, must match the snapshot. (default: 256M)", valueName: "size"))
+    @Option(name: [.short, .long], help: ArgumentHelp("Guest RAM (default: 256M), e.g. 2G; a bare number is MiB. With --restore, must match the snapshot.", valueName: "size"))
     var memory: ByteCount?
 
-    @Option(name: [.short, .long], help: ArgumentHelp("Number of vCPUs. With --restore, must match the snapshot. (default: 1)", valueName: "n"))
+    @Option(name: [.short, .long], help: ArgumentHelp("Number of vCPUs (default: 1). With --restore, must match the snapshot.", valueName: "n"))
     var cpus: Int?
 
     // .unconditional: `--timeout -1` is a (bad) value, not a missing one followed by an option.

@@ -291,6 +291,12 @@ struct SnapshotBadInputTests {
     @Test("a disk that changed or vanished since the snapshot; a remapped copy of the same disk restores", .timeLimit(.minutes(2)))
     func disks() throws {
         let saved = try Saved()
+        // A copy that keeps its timestamps is the same disk: --disk remaps the snapshot's disk to it.
+        let copy = saved.directory.file("copy.raw")
+        #expect(try Subprocess.run("cp", ["-p", "--sparse=always", saved.disk, copy]).status == 0)
+        let remapped = try TestHost.hvrun(["run", "--restore", saved.snapshot, "--disk", copy, "--timeout", "30"])
+        #expect(remapped.status == 0x41, "\(remapped.stderr)")
+        #expect(remapped.stdout.contains("disk_ok=40"))
         // A byte written to the raw disk after the snapshot changes its modification time.
         let original = fileBytes(saved.disk)
         var changed = original

@@ -53,22 +53,20 @@ public enum SnapshotDirectory {
         let memoryPath = temporary + "/" + memoryFile
         let memoryFD = open(memoryPath, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard memoryFD >= 0 else { throw .io(path: memoryPath, operation: "create", errno: errno) }
-        do {
-            defer { close(memoryFD) }
-            snapshot.memoryBytesWritten = try MemoryFile.write(memory, to: memoryFD, path: memoryPath).bytesWritten
-            guard fsync(memoryFD) == 0 else { throw SnapshotError.io(path: memoryPath, operation: "fsync", errno: errno) }
-        } catch let error as SnapshotError {
-            throw error
-        } catch {
-            throw .machine("\(error)")
-        }
+        defer { close(memoryFD) }
+        snapshot.memoryBytesWritten = try MemoryFile.write(memory, to: memoryFD, path: memoryPath).bytesWritten
 
         let payload: [UInt8]
         do throws(StateCodingError) { payload = Array(try StateCoder.encode(snapshot).rendered().utf8) } catch {
             throw .machine("encoding the machine state: \(error)")
         }
         let statePath = temporary + "/" + stateFile
-        try writeFile(statePath, encodeState(payload))
+        let stateFD = try writeFile(statePath, encodeState(payload))
+        defer { close(stateFD) }
+        // Both files are written before either is synced: the first fsync's journal commit then
+        // carries the other's metadata too, and the later ones have less left to do.
+        guard fsync(memoryFD) == 0 else { throw .io(path: memoryPath, operation: "fsync", errno: errno) }
+        guard fsync(stateFD) == 0 else { throw .io(path: statePath, operation: "fsync", errno: errno) }
         try syncDirectory(temporary)
 
         if exists {
@@ -196,18 +194,21 @@ public enum SnapshotDirectory {
         rmdir(directory)
     }
 
-    static func writeFile(_ path: String, _ bytes: [UInt8]) throws(SnapshotError) {
+    /// Creates `path` with `bytes` and returns the open descriptor (not yet synced).
+    static func writeFile(_ path: String, _ bytes: [UInt8]) throws(SnapshotError) -> Int32 {
         let fd = open(path, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
         guard fd >= 0 else { throw .io(path: path, operation: "create", errno: errno) }
-        defer { close(fd) }
         let failure: SnapshotError? = bytes.withUnsafeBytes { raw in
             do throws(SnapshotError) {
                 try MemoryFile.writeAll(fd, raw.baseAddress!, count: raw.count, at: 0, path: path)
                 return nil
             } catch { return error }
         }
-        if let failure { throw failure }
-        guard fsync(fd) == 0 else { throw .io(path: path, operation: "fsync", errno: errno) }
+        if let failure {
+            close(fd)
+            throw failure
+        }
+        return fd
     }
 
     static func readFile(_ path: String) throws(SnapshotError) -> [UInt8] {
