@@ -29,6 +29,7 @@
  * lines start with `info `. Debug exit 0x41, or `error=…` and 0x7F.
  */
 #include "rt.h"
+#include "smp_boot.h"
 #include "virtio.h"
 
 #define EXIT_STATEFUL	0x41
@@ -36,17 +37,10 @@
 #define LAPIC		0xfee00000ul
 #define LAPIC_SVR	0x0f0
 #define LAPIC_EOI	0x0b0
-#define LAPIC_ICR_LO	0x300
-#define LAPIC_ICR_HI	0x310
 #define LAPIC_LVT_TIMER	0x320
 #define LAPIC_TIMER_INIT 0x380
 #define LAPIC_TIMER_DIV	0x3e0
 #define LVT_PERIODIC	(1u << 17)
-#define ICR_INIT	0x00500
-#define ICR_STARTUP	0x00600
-#define ICR_BUSY	0x01000
-#define ICR_ASSERT	0x04000
-#define ICR_ALL_BUT_SELF 0xc0000
 #define IOAPIC		0xfec00000ul
 
 /*
@@ -65,9 +59,6 @@
 #define TOUCH_BASE	(64ul << 20)
 #define MAX_STEPS	4096		/* the marked region ends below TOUCH_BASE */
 #define MAX_CPUS	16
-#define TRAMP_BASE	0x8000
-#define SIPI_VECTOR	(TRAMP_BASE >> 12)
-#define TSC_PER_US	2000		/* only for the INIT/SIPI delays, as in smp.c */
 
 #define UART_IER	1
 #define UART_IIR	2
@@ -94,8 +85,6 @@ static u64 tsc_first_tick, tsc_last_tick;
 volatile u32 ap_next_slot, ap_online;
 static volatile u64 ap_count[MAX_CPUS];
 u8 ap_stacks[MAX_CPUS][4096] __attribute__((aligned(16)));
-extern const char ap_trampoline[], ap_trampoline_end[];
-extern u32 ap_entry;		/* smp_ap.S: the APs' long-mode continuation */
 extern const char stateful_ap[];
 
 static char cmdline[1024];	/* copied: the AP trampoline may overwrite low memory */
@@ -195,34 +184,6 @@ void __attribute__((used)) stateful_ap_main(u32 slot)
 	for (;;) {
 		sleep();
 		ap_count[slot]++;
-	}
-}
-
-static void delay_us(u64 us)
-{
-	u64 start = rdtsc();
-	while (rdtsc() - start < us * TSC_PER_US)
-		__asm__ volatile("pause");
-}
-
-static void send_ipi(u32 icr)
-{
-	mmio_write32(LAPIC + LAPIC_ICR_HI, 0);
-	mmio_write32(LAPIC + LAPIC_ICR_LO, icr);
-	for (int i = 0; i < 1000 && (mmio_read32(LAPIC + LAPIC_ICR_LO) & ICR_BUSY); i++)
-		;
-}
-
-/* INIT-SIPI-SIPI to all but self, as smp.c does. */
-static void start_aps(void)
-{
-	ap_entry = (u32)(u64)stateful_ap;
-	memcpy((void *)TRAMP_BASE, ap_trampoline, ap_trampoline_end - ap_trampoline);
-	send_ipi(ICR_ALL_BUT_SELF | ICR_ASSERT | ICR_INIT);
-	delay_us(10000);
-	for (int i = 0; i < 2; i++) {
-		send_ipi(ICR_ALL_BUT_SELF | ICR_ASSERT | ICR_STARTUP | SIPI_VECTOR);
-		delay_us(200);
 	}
 }
 
@@ -421,7 +382,7 @@ void guest_main(struct hvm_start_info *si)
 
 	u32 aps = cpus - 1;
 	if (aps)
-		start_aps();
+		smp_start_aps(stateful_ap);
 	timer_start(VEC_TIMER);
 	/* The APs have 2 s (200 ticks) to come up. */
 	while (ap_online < aps && ticks < 200)
