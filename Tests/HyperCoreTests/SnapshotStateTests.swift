@@ -387,3 +387,107 @@ struct MachinePauseTests {
         #expect(paused < plain * 1.5, "TSC cycles per tick: \(plain) uninterrupted, \(paused) with a 1.5 s pause")
     }
 }
+
+extension String {
+    /// The message with its first file path dropped (to group errors by kind).
+    func replacingPaths() -> String {
+        split(separator: " ").map { $0.hasPrefix("/") ? "PATH" : String($0) }.joined(separator: " ")
+    }
+}
+
+/// A snapshot whose checksums are right but whose contents are hostile: every restore must end in
+/// a typed error or a machine that runs (and is stopped); the host never traps.
+@Suite("hostile snapshot contents", .serialized, .tags(.kvm),
+       .enabled(if: TestHost.kvmUsable, TestHost.kvmSkipReason),
+       .enabled(if: TestHost.hvrunPath != nil, "the hvrun binary is not built next to the tests"))
+struct SnapshotHostileStateTests {
+    /// Every number in `value` with its path, depth first.
+    static func numberPaths(_ value: JSONValue, _ path: [JSONPathStep] = []) -> [[JSONPathStep]] {
+        switch value {
+        case .number, .unsignedNumber, .bool: [path]
+        case let .array(elements): elements.enumerated().flatMap { numberPaths($0.element, path + [.index($0.offset)]) }
+        case let .object(members): members.flatMap { numberPaths($0.1, path + [.key($0.0)]) }
+        default: []
+        }
+    }
+
+    enum JSONPathStep { case key(String), index(Int) }
+
+    static func replacing(_ value: JSONValue, at path: ArraySlice<JSONPathStep>, with new: JSONValue) -> JSONValue {
+        guard let step = path.first else { return new }
+        switch (value, step) {
+        case let (.array(elements), .index(i)):
+            var copy = elements
+            copy[i] = replacing(elements[i], at: path.dropFirst(), with: new)
+            return .array(copy)
+        case let (.object(members), .key(k)):
+            return .object(members.map { $0.0 == k ? ($0.0, replacing($0.1, at: path.dropFirst(), with: new)) : $0 })
+        default:
+            return value
+        }
+    }
+
+    @Test("300 restores of snapshots with one number changed to a boundary value: an error or a run, never a crash",
+          .timeLimit(.minutes(3)))
+    func mutatedNumbers() throws {
+        let directory = try TemporaryDirectory()
+        let snapshot = directory.file("snapshot")
+        let socket = directory.file("c.sock")
+        // No disk: a restore that runs would change it, and every later one would be refused for that.
+        let process = try VMProcess(["run", "--kernel", try GuestImages.path("stateful.elf"), "--memory", "64M", "--cpus", "2",
+                                     "--rng", "--console", "virtio", "--cmdline", "steps=400 ticks=1 con=1 cpus=2",
+                                     "--control", socket, "--timeout", "30"])
+        #expect(process.waitForLine("step=3"))
+        #expect(try ControlClient(path: socket).execute("save", arguments: [("path", .string(snapshot))])["return"] != nil)
+        #expect(process.wait(timeoutSeconds: 10) == 0)
+
+        let original = try SnapshotDirectory.read(snapshot)
+        let tree = try StateCoder.encode(original)
+        let paths = Self.numberPaths(tree).filter { path in
+            // The disk identity is checked against the file first; keep it so the rest is reached.
+            !path.contains { if case .key("identity") = $0 { true } else { false } }
+        }
+        let boundaries: [JSONValue] = [.number(0), .number(1), .number(-1), .number(255), .number(65535), .number(0x1_0000),
+                                       .number(Int64.max), .unsignedNumber(UInt64.max), .bool(true), .string("x")]
+        var generator = SystemRandomNumberGenerator()
+        var errors = 0, runs = 0
+        var reasons: [String: Int] = [:]
+        for round in 0..<301 {
+            // Round 0 is the control: the state re-encoded unchanged restores and runs.
+            let mutated = round == 0 ? tree
+                : Self.replacing(tree, at: paths.randomElement(using: &generator)![...], with: boundaries.randomElement(using: &generator)!)
+            let target = directory.file("m\(round)")
+            mkdir(target, 0o700)
+            #expect(link(snapshot + "/memory", target + "/memory") == 0)
+            let payload = Array(mutated.rendered().utf8)
+            let fd = open(target + "/state", O_WRONLY | O_CREAT, 0o600)
+            _ = SnapshotDirectory.encodeState(payload).withUnsafeBytes { write(fd, $0.baseAddress, $0.count) }
+            close(fd)
+            var options = RestoreOptions()
+            options.console = BufferOutput()
+            do {
+                let machine = try Machine(restoring: target, options: options)
+                do {
+                    try machine.start()
+                    usleep(2_000)
+                    machine.stop()
+                    if round > 0 { runs += 1 }
+                } catch {
+                    #expect(round > 0, "the unchanged state must restore: \(error)")
+                    errors += 1
+                    reasons[String(error.description.replacingPaths().prefix(50)), default: 0] += 1
+                }
+            } catch {
+                #expect(round > 0, "the unchanged state must restore: \(error)")
+                errors += 1
+                reasons[String(error.description.replacingPaths().prefix(50)), default: 0] += 1
+            }
+            unlink(target + "/state")
+            unlink(target + "/memory")
+            rmdir(target)
+        }
+        print("hostile snapshots: \(errors) refused, \(runs) ran; reasons: \(reasons.sorted { $0.value > $1.value }.prefix(8))")
+        #expect(errors + runs == 300)
+        #expect(errors > 0, "some mutations must be refused")
+    }
+}
