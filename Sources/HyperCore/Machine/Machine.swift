@@ -191,14 +191,6 @@ public final class Machine: Sendable {
         return lifecycle.exit.current ?? .stopped
     }
 
-    /// Waits for the run to end without stopping it at a deadline: returns nil if it has not
-    /// ended by then (a control loop polls with this).
-    public func waitForExit(timeout: Duration) -> MachineExit? {
-        let (seconds, attoseconds) = timeout.components
-        let nanoseconds = UInt64(max(0, seconds)) * 1_000_000_000 + UInt64(max(0, attoseconds) / 1_000_000_000)
-        return lifecycle.exit.wait(untilNanoseconds: monotonicNanoseconds() &+ nanoseconds)
-    }
-
     /// Ends the run with `reason` (when it has not ended already) and stops the vCPUs.
     public func finish(_ reason: MachineExit) {
         lifecycle.finish(reason)
