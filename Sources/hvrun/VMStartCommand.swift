@@ -26,6 +26,11 @@ struct VMStartCommand: ParsableCommand {
                 if waitpid(pid, &status, WNOHANG) == pid {
                     let code = (status & 0x7F) == 0 ? (status >> 8) & 0xFF : 128 + (status & 0x7F)
                     if code == 2 { throw StoreError.refused("VM \(name) is running (another command started it)") }
+                    if code == 0 {
+                        // The guest ran and already ended (powered off, or reset with on_reset=stop).
+                        printOut("started VM \(name); it has already stopped (hvrun vm log \(name) shows its console)\n")
+                        return
+                    }
                     throw StoreError.failed("VM \(name)'s process exited with status \(code) before the guest ran:\n\(logTail(bundle.processLogPath))")
                 }
                 // Ours only once the lock file names our process: another start may have won.

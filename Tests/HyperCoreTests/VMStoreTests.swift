@@ -1,0 +1,318 @@
+import Testing
+@testable import HyperCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The store's pieces without a VM: names, MACs, UUIDs, vm.json, locks, where the store is.
+@Suite("VM store: names, MACs, configuration, locks")
+struct VMStoreUnitTests {
+    @Test("names: 1-64 of [A-Za-z0-9._-], not starting with . or -")
+    func names() {
+        for good in ["a", "web-1", "db_2.test", "A9", String(repeating: "x", count: 64), "x-", "1"] { #expect(VMName.isValid(good), "\(good)") }
+        for bad in ["", ".hidden", "-opt", "a b", "a/b", "é", String(repeating: "x", count: 65), "..", "a\n"] { #expect(!VMName.isValid(bad), "\(bad)") }
+        #expect(throws: StoreError.invalid("invalid VM name '.x': \(VMName.rule)")) { try VMName.validate(".x") }
+    }
+
+    @Test("generated MACs are locally administered unicast and avoid the ones taken")
+    func macs() {
+        var taken: Set<MACAddress> = []
+        for _ in 0..<2000 {
+            let mac = MACAddress.generate(avoiding: taken)
+            #expect(mac.isLocallyAdministered && !mac.isMulticast, "\(mac)")
+            #expect(!taken.contains(mac))
+            taken.insert(mac)
+        }
+        #expect(MACAddress("52:54:00:12:34:56")?.description == "52:54:00:12:34:56")
+        #expect(MACAddress("52:54:00:12:34") == nil && MACAddress("zz:54:00:12:34:56") == nil)
+    }
+
+    @Test("UUIDs are version 4, RFC 4122 variant, and differ")
+    func uuids() {
+        let ids = (0..<100).map { _ in randomUUIDString() }
+        #expect(Set(ids).count == 100)
+        for id in ids {
+            let bytes = Array(id.utf8)
+            #expect(bytes.count == 36 && bytes[14] == UInt8(ascii: "4") && "89ab".utf8.contains(bytes[19]), "\(id)")
+        }
+    }
+
+    @Test("vm.json round-trips through StateCoder, snake_case keys")
+    func configuration() throws {
+        let configuration = VMConfiguration(
+            id: randomUUIDString(), name: "vm1", cpus: 2, memoryBytes: 512 << 20,
+            boot: .init(kernel: "kernel", initrd: nil, cmdline: "console=ttyS0"),
+            disks: [.init(path: "disk0.vhdx", readonly: false), .init(path: "/data/x.raw", readonly: true)],
+            nics: [.init(switch: "lan", mac: "52:54:00:00:00:01", macGenerated: false)], onReset: .stop)
+        let text = try configuration.encoded()
+        for key in ["\"memory_bytes\":", "\"on_reset\":\"stop\"", "\"mac_generated\":false", "\"cmdline\":"] { #expect(text.contains(key), "\(text)") }
+        #expect(try VMConfiguration.decode(Array(text.utf8), path: "vm.json") == configuration)
+        #expect(configuration.disks.map(\.isInBundle) == [true, false])
+        #expect(throws: StoreError.self) { try VMConfiguration.decode(Array("{\"id\":1}".utf8), path: "vm.json") }
+    }
+
+    @Test("the store root: HVRUN_HOME, else XDG_DATA_HOME/hvrun, else ~/.local/share/hvrun")
+    func root() throws {
+        #expect(try VMStore.defaultRoot { ["HVRUN_HOME": "/h", "XDG_DATA_HOME": "/x", "HOME": "/home/u"][$0] } == "/h")
+        #expect(try VMStore.defaultRoot { ["HVRUN_HOME": "", "XDG_DATA_HOME": "/x", "HOME": "/home/u"][$0] } == "/x/hvrun")
+        #expect(try VMStore.defaultRoot { ["HOME": "/home/u"][$0] } == "/home/u/.local/share/hvrun")
+    }
+
+    @Test("a lock is exclusive between open files, seen by isHeld, and released on close")
+    func locks() throws {
+        let directory = try TemporaryDirectory()
+        let path = directory.file("lock")
+        #expect(!FileLock.isHeld(path))
+        var first = try FileLock.acquire(path, wait: false)
+        #expect(first != nil)
+        #expect(FileLock.isHeld(path))
+        #expect(try FileLock.acquire(path, wait: false) == nil, "OFD locks conflict even within one process")
+        first = nil
+        #expect(!FileLock.isHeld(path))
+        #expect(try FileLock.acquire(path, wait: false) != nil)
+    }
+}
+
+/// `hvrun vm` through the CLI, with real guests and the store in a temporary HVRUN_HOME.
+@Suite("hvrun vm: VMs in the store", .serialized, .tags(.kvm),
+       .enabled(if: TestHost.kvmUsable, TestHost.kvmSkipReason),
+       .enabled(if: TestHost.hvrunPath != nil, "the hvrun binary is not built next to the tests"))
+struct VMStoreCLITests {
+    /// One store in a temporary directory; `hvrun` runs with HVRUN_HOME set to it.
+    final class Store {
+        let directory: TemporaryDirectory
+        var home: String { directory.path + "/home" }
+        init() throws { directory = try TemporaryDirectory() }
+        deinit {
+            // Never leave a VM process behind: kill whoever holds a VM's lock.
+            for name in StoreFiles.list(home + "/vms") {
+                if let pid = VMBundle(name: name, path: home + "/vms/" + name).processID, pid > 1 { kill(pid, SIGKILL) }
+            }
+            usleep(50_000)
+            try? StoreFiles.removeTree(home)
+        }
+
+        func bundle(_ name: String) -> VMBundle { VMBundle(name: name, path: home + "/vms/" + name) }
+
+        /// Starts `hvrun ARGUMENTS` with this store; `wait()` on the result.
+        func spawn(_ arguments: [String]) throws -> VMProcess {
+            try VMProcess(arguments, environment: ["HVRUN_HOME=" + home])
+        }
+
+        /// Runs `hvrun ARGUMENTS` to its end (with a deadline): status, stdout, stderr.
+        @discardableResult
+        func run(_ arguments: [String], timeoutSeconds: Double = 60) throws -> (status: Int32, stdout: String, stderr: String) {
+            let process = try spawn(arguments)
+            let status = process.wait(timeoutSeconds: timeoutSeconds)
+            return (status, process.output, process.errors)
+        }
+
+        func state(_ name: String) throws -> String? {
+            let info = try run(["vm", "info", name, "--json"])
+            return try JSONValue.parse(info.stdout)["state"]?.stringValue
+        }
+
+        /// Waits until `condition` holds; false at the deadline.
+        func waitFor(timeoutSeconds: Double = 30, _ condition: () throws -> Bool) rethrows -> Bool {
+            let deadline = Clock.now + timeoutSeconds
+            while Clock.now < deadline {
+                if try condition() { return true }
+                usleep(20_000)
+            }
+            return try condition()
+        }
+
+        func consoleLog(_ name: String) -> String { String(decoding: fileBytes(bundle(name).consoleLogPath), as: UTF8.self) }
+    }
+
+    static func stateful(steps: Int, ticks: Int) throws -> [String] {
+        ["--kernel", try GuestImages.path("stateful.elf"), "--memory", "128M", "--cmdline", "steps=\(steps) ticks=\(ticks) cpus=1"]
+    }
+
+    @Test("create, list, info, start, pause, resume, save, start again (the guest continues), stop, delete",
+          .timeLimit(.minutes(3)))
+    func lifecycle() throws {
+        let store = try Store()
+        let steps = 100
+        // The reference: the same guest uninterrupted.
+        let reference = try TestHost.hvrun(["run"] + Self.stateful(steps: steps, ticks: 3) + ["--timeout", "60"], timeoutSeconds: 90)
+        #expect(reference.status == 0x41, "\(reference.stdout)\(reference.stderr)")
+        let expected = try #require(SnapshotProcessTests.result(reference.stdout))
+
+        let created = try store.run(["vm", "create", "web-1"] + Self.stateful(steps: steps, ticks: 3) + ["--new-disk", "16M", "--nic", "lan"])
+        #expect(created.status == 0, "\(created.stderr)")
+        let list = try JSONValue.parse(try store.run(["vm", "list", "--json"]).stdout)
+        #expect(list == .array([.object([("name", .string("web-1")), ("id", list[0]?["id"] ?? .null), ("state", .string("off")),
+                                          ("cpus", .number(1)), ("memory_bytes", .number(128 << 20)), ("uptime_s", .null), ("checkpoints", .number(0))])]),
+                "\(list.rendered())")
+        let info = try JSONValue.parse(try store.run(["vm", "info", "web-1", "--json"]).stdout)
+        #expect(info["state"]?.stringValue == "off")
+        #expect(info["path"]?.stringValue == store.bundle("web-1").path)
+        #expect(info["console_log"]?.stringValue == store.bundle("web-1").consoleLogPath)
+        #expect(info["disks"]?[0]?["active_path"]?.stringValue == store.bundle("web-1").path + "/disk0.vhdx")
+        #expect(info["nics"]?[0]?["mac_generated"] == .bool(true))
+        #expect(info["checkpoints"] == .array([]) && info["current_checkpoint"] == .null)
+        #expect(StoreFiles.exists(store.bundle("web-1").path + "/disk0.vhdx"))
+        let table = try store.run(["vm", "list"]).stdout
+        #expect(table.hasPrefix("NAME") && table.contains("web-1") && table.contains("off"), "\(table)")
+
+        let started = try store.run(["vm", "start", "web-1"])
+        #expect(started.status == 0, "\(started.stdout)\(started.stderr)")
+        #expect(try ["running", "paused"].contains(store.state("web-1")))
+        #expect(store.waitFor { store.consoleLog("web-1").contains("step=5\n") }, "\(store.consoleLog("web-1"))")
+        #expect(try store.run(["vm", "pause", "web-1"]).status == 0)
+        #expect(try store.state("web-1") == "paused")
+        #expect(try store.run(["vm", "resume", "web-1"]).status == 0)
+        #expect(try store.state("web-1") == "running")
+        #expect(store.waitFor { store.consoleLog("web-1").contains("step=10\n") })
+        let saved = try store.run(["vm", "save", "web-1"])
+        #expect(saved.status == 0, "\(saved.stderr)")
+        #expect(try store.state("web-1") == "saved")
+        #expect(StoreFiles.exists(store.bundle("web-1").savedPath + "/state"))
+        let before = SnapshotProcessTests.steps(store.consoleLog("web-1"))
+        #expect(!before.isEmpty && before.last! < steps, "saved before the guest finished: \(before)")
+
+        let again = try store.run(["vm", "start", "web-1"])
+        #expect(again.status == 0, "\(again.stdout)\(again.stderr)")
+        // The guest runs on to its end (debug exit 0x41), and the VM is off.
+        #expect(try store.waitFor(timeoutSeconds: 60) { try store.state("web-1") == "off" })
+        let log = store.consoleLog("web-1")
+        #expect(SnapshotProcessTests.steps(log) == Array(1...steps), "\(log)")
+        #expect(SnapshotProcessTests.result(log) == expected)
+        #expect(!StoreFiles.exists(store.bundle("web-1").savedPath), "saved/ is removed once the guest runs")
+
+        #expect(try store.run(["vm", "start", "web-1"]).status == 0)
+        let stopped = try store.run(["vm", "stop", "web-1"])
+        #expect(stopped.status == 0, "\(stopped.stderr)")
+        #expect(try store.state("web-1") == "off")
+        #expect(!StoreFiles.exists(store.bundle("web-1").controlSocketPath))
+        let deleted = try store.run(["vm", "delete", "web-1"])
+        #expect(deleted.status == 0, "\(deleted.stderr)")
+        #expect(!StoreFiles.exists(store.bundle("web-1").path))
+        #expect(try store.run(["vm", "info", "web-1"]).status == 1)
+    }
+
+    @Test("bad names are refused with the rule, status 1")
+    func badNames() throws {
+        let store = try Store()
+        let kernel = try GuestImages.path("stateful.elf")
+        for name in [".hidden", "-x", "a b", "a/b", String(repeating: "n", count: 65)] {
+            let result = try store.run(["vm", "create", name, "--kernel", kernel])
+            #expect(result.status == 1, "\(name): \(result.stderr)")
+            #expect(result.stderr.contains(VMName.rule) || result.stderr.contains("Error"), "\(name): \(result.stderr)")
+        }
+        #expect(StoreFiles.list(store.home + "/vms").isEmpty)
+        #expect(try store.run(["vm", "create", "ok", "--kernel", kernel]).status == 0)
+        let duplicate = try store.run(["vm", "create", "ok", "--kernel", kernel])
+        #expect(duplicate.status == 2 && duplicate.stderr.contains("already exists"), "\(duplicate.stderr)")
+    }
+
+    @Test("refused by state with status 2: delete or start while running, pause or stop while off", .timeLimit(.minutes(1)))
+    func refusals() throws {
+        let store = try Store()
+        #expect(try store.run(["vm", "create", "r"] + Self.stateful(steps: 2000, ticks: 5)).status == 0)
+        #expect(try store.run(["vm", "pause", "r"]).status == 2)
+        #expect(try store.run(["vm", "stop", "r"]).status == 2)
+        #expect(try store.run(["vm", "start", "r"]).status == 0)
+        let delete = try store.run(["vm", "delete", "r"])
+        #expect(delete.status == 2 && delete.stderr.contains("running"), "\(delete.stderr)")
+        let start = try store.run(["vm", "start", "r"])
+        #expect(start.status == 2 && start.stderr.contains("running"), "\(start.stderr)")
+        #expect(try store.state("r") == "running")
+        #expect(try store.run(["vm", "stop", "r"]).status == 0)
+        #expect(try store.run(["vm", "delete", "r"]).status == 0)
+    }
+
+    @Test("two concurrent starts: exactly one succeeds; a start racing a delete: not both", .timeLimit(.minutes(2)))
+    func concurrentStarts() throws {
+        let store = try Store()
+        #expect(try store.run(["vm", "create", "c"] + Self.stateful(steps: 2000, ticks: 5)).status == 0)
+        for round in 0..<3 {
+            let first = try store.spawn(["vm", "start", "c"])
+            let second = try store.spawn(["vm", "start", "c"])
+            let statuses = [first.wait(timeoutSeconds: 60), second.wait(timeoutSeconds: 60)].sorted()
+            #expect(statuses == [0, 2], "round \(round): \(first.errors) | \(second.errors)")
+            #expect(try store.state("c") == "running")
+            #expect(try store.run(["vm", "stop", "c"]).status == 0)
+        }
+        let start = try store.spawn(["vm", "start", "c"])
+        let delete = try store.spawn(["vm", "delete", "c"])
+        let (started, deleted) = (start.wait(timeoutSeconds: 60), delete.wait(timeoutSeconds: 60))
+        #expect(!(started == 0 && deleted == 0), "\(start.errors) | \(delete.errors)")
+        #expect(started == 0 || deleted == 0, "one of them wins: \(start.errors) | \(delete.errors)")
+    }
+
+    @Test("a SIGKILLed VM process leaves the VM off, or saved if it was saved; never running", .timeLimit(.minutes(1)))
+    func killedProcess() throws {
+        let store = try Store()
+        #expect(try store.run(["vm", "create", "k"] + Self.stateful(steps: 2000, ticks: 5)).status == 0)
+        #expect(try store.run(["vm", "start", "k"]).status == 0)
+        let pid = try #require(store.bundle("k").processID)
+        kill(pid, SIGKILL)
+        #expect(try store.waitFor(timeoutSeconds: 10) { try store.state("k") == "off" })
+        // Started again: it boots afresh (the stale control socket is replaced).
+        #expect(try store.run(["vm", "start", "k"]).status == 0)
+        #expect(try store.run(["vm", "save", "k"]).status == 0)
+        #expect(try store.run(["vm", "start", "k"]).status == 0)
+        kill(try #require(store.bundle("k").processID), SIGKILL)
+        #expect(try store.waitFor(timeoutSeconds: 10) { try ["off", "saved"].contains(store.state("k")) })
+        #expect(try store.run(["vm", "delete", "k"]).status == 0)
+    }
+
+    @Test("generated MACs are unique in the store and locally administered unicast; static ones are kept")
+    func macs() throws {
+        let store = try Store()
+        let kernel = try GuestImages.path("stateful.elf")
+        var seen: [MACAddress] = []
+        for index in 0..<4 {
+            #expect(try store.run(["vm", "create", "m\(index)", "--kernel", kernel, "--nic", "lan", "--nic", "lan", "--nic", "wan"]).status == 0)
+            let info = try JSONValue.parse(try store.run(["vm", "info", "m\(index)", "--json"]).stdout)
+            guard case let .array(nics)? = info["nics"] else { Issue.record("no nics: \(info.rendered())"); continue }
+            #expect(nics.count == 3)
+            for nic in nics {
+                let mac = try #require(nic["mac"]?.stringValue.flatMap(MACAddress.init))
+                #expect(nic["mac_generated"] == .bool(true))
+                #expect(mac.isLocallyAdministered && !mac.isMulticast, "\(mac)")
+                seen.append(mac)
+            }
+        }
+        #expect(Set(seen).count == seen.count)
+        #expect(try store.run(["vm", "create", "s", "--kernel", kernel, "--nic", "lan,mac=52:54:00:aa:bb:cc"]).status == 0)
+        let info = try JSONValue.parse(try store.run(["vm", "info", "s", "--json"]).stdout)
+        #expect(info["nics"]?[0]?["mac"]?.stringValue == "52:54:00:aa:bb:cc" && info["nics"]?[0]?["mac_generated"] == .bool(false))
+        #expect(try store.run(["vm", "create", "n", "--kernel", kernel, "--nic", "none"]).status == 0)
+        #expect(try JSONValue.parse(try store.run(["vm", "info", "n", "--json"]).stdout)["nics"] == .array([]))
+        #expect(try store.run(["vm", "create", "b", "--kernel", kernel, "--nic", "lan,mac=01:00:5e:00:00:01"]).status == 1, "multicast refused")
+    }
+
+    @Test("a guest reset restarts the VM with on_reset=restart, and turns it off with on_reset=stop", .timeLimit(.minutes(1)))
+    func onReset() throws {
+        let store = try Store()
+        let kernel = try GuestImages.path("reset.elf")
+        #expect(try store.run(["vm", "create", "again", "--kernel", kernel, "--on-reset", "restart"]).status == 0)
+        #expect(try store.run(["vm", "start", "again"]).status == 0)
+        #expect(store.waitFor { store.consoleLog("again").components("resetting\n") >= 3 }, "\(store.consoleLog("again"))")
+        #expect(try ["running", "starting"].contains(store.state("again")))
+        #expect(try store.run(["vm", "stop", "again", "--force"]).status == 0)
+        #expect(try store.state("again") == "off")
+
+        #expect(try store.run(["vm", "create", "once", "--kernel", kernel, "--on-reset", "stop"]).status == 0)
+        let started = try store.run(["vm", "start", "once"])
+        #expect(started.status == 0, "\(started.stdout)\(started.stderr)")
+        #expect(try store.waitFor(timeoutSeconds: 10) { try store.state("once") == "off" })
+        #expect(store.consoleLog("once").components("resetting\n") == 1)
+    }
+}
+
+extension String {
+    /// How many times `needle` occurs.
+    func components(_ needle: String) -> Int { split(separator: needle, omittingEmptySubsequences: false).count - 1 }
+}
+
+extension JSONValue {
+    /// An array's element, nil when out of range or not an array.
+    subscript(index: Int) -> JSONValue? {
+        guard case let .array(elements) = self, elements.indices.contains(index) else { return nil }
+        return elements[index]
+    }
+}
