@@ -304,6 +304,139 @@ struct VMStoreCLITests {
     }
 }
 
+/// `hvrun vm console` on a pseudo-terminal, as a user's terminal would drive it.
+@Suite("hvrun vm console", .serialized, .tags(.kvm),
+       .enabled(if: TestHost.kvmUsable, TestHost.kvmSkipReason),
+       .enabled(if: TestHost.hvrunPath != nil, "the hvrun binary is not built next to the tests"))
+struct VMConsoleTests {
+    /// A pty master; `hvrun vm console` runs on its slave.
+    final class Terminal {
+        let master: Int32
+        let slavePath: String
+        var received: [UInt8] = []
+        init() throws {
+            // posix_openpt/grantpt/unlockpt are not in the Glibc module: /dev/ptmx and its ioctls.
+            master = open("/dev/ptmx", O_RDWR | O_NOCTTY | O_CLOEXEC)
+            var unlock: Int32 = 0
+            var number: UInt32 = 0
+            guard master >= 0, ioctl(master, 0x4004_5431 /* TIOCSPTLCK */, &unlock) == 0,
+                  ioctl(master, 0x8004_5430 /* TIOCGPTN */, &number) == 0 else {
+                throw Subprocess.Failure.spawn("/dev/ptmx", errno)
+            }
+            slavePath = "/dev/pts/\(number)"
+        }
+        deinit { close(master) }
+        var text: String { String(decoding: received, as: UTF8.self) }
+        func type(_ bytes: [UInt8]) { _ = bytes.withUnsafeBytes { write(master, $0.baseAddress, $0.count) } }
+        /// Reads what arrives until `text` contains `needle`; false at the deadline.
+        func waitFor(_ needle: String, timeoutSeconds: Double = 20) -> Bool {
+            let deadline = Clock.now + timeoutSeconds
+            while !text.contains(needle) {
+                let remaining = deadline - Clock.now
+                if remaining <= 0 { return false }
+                var entry = pollfd(fd: master, events: Int16(POLLIN), revents: 0)
+                guard poll(&entry, 1, Int32(remaining * 1000) + 1) > 0 else { continue }
+                var chunk = [UInt8](repeating: 0, count: 4096)
+                let count = chunk.withUnsafeMutableBytes { read(master, $0.baseAddress, $0.count) }
+                if count <= 0 { usleep(10_000); continue }
+                received += chunk[0..<count]
+            }
+            return true
+        }
+    }
+
+    /// Spawns `hvrun vm console NAME` with the store and the terminal as its stdin, stdout and stderr.
+    static func attach(_ store: VMStoreCLITests.Store, _ name: String, on terminal: Terminal, force: Bool = false) throws -> pid_t {
+        guard let hvrun = TestHost.hvrunPath else { throw Subprocess.Failure.spawn("hvrun", 2) }
+        var actions = posix_spawn_file_actions_t()
+        posix_spawn_file_actions_init(&actions)
+        defer { posix_spawn_file_actions_destroy(&actions) }
+        posix_spawn_file_actions_addopen(&actions, 0, terminal.slavePath, O_RDWR, 0)
+        posix_spawn_file_actions_adddup2(&actions, 0, 1)
+        posix_spawn_file_actions_adddup2(&actions, 0, 2)
+        let words: [String] = [hvrun, "vm", "console", name] + (force ? ["--force"] : [])
+        let argv = words.map { strdup($0) } + [nil]
+        defer { argv.forEach { free($0) } }
+        var entries = ["HVRUN_HOME=" + store.home]
+        var index = 0
+        while let entry = environ[index] {
+            let text = String(cString: entry)
+            if !text.hasPrefix("HVRUN_HOME=") { entries.append(text) }
+            index += 1
+        }
+        let envp = entries.map { strdup($0) } + [nil]
+        defer { envp.forEach { free($0) } }
+        var pid: pid_t = 0
+        let spawned = posix_spawn(&pid, hvrun, &actions, nil, argv, envp)
+        guard spawned == 0 else { throw Subprocess.Failure.spawn(hvrun, spawned) }
+        return pid
+    }
+
+    /// The exit status of `pid`, or nil at the deadline (then it is killed).
+    static func wait(_ pid: pid_t, timeoutSeconds: Double = 20) -> Int32? {
+        let deadline = Clock.now + timeoutSeconds
+        var status: Int32 = 0
+        while waitpid(pid, &status, WNOHANG) != pid {
+            if Clock.now > deadline {
+                kill(pid, SIGKILL)
+                waitpid(pid, &status, 0)
+                return nil
+            }
+            usleep(10_000)
+        }
+        return (status & 0x7F) == 0 ? (status >> 8) & 0xFF : 128 + (status & 0x7F)
+    }
+
+    @Test("attach: guest output reaches the terminal, keys reach the guest's UART, a second console is refused", .timeLimit(.minutes(1)))
+    func attachAndType() throws {
+        let store = try VMStoreCLITests.Store()
+        #expect(try store.run(["vm", "create", "u", "--kernel", try GuestImages.path("uartirq.elf"), "--on-reset", "stop"]).status == 0)
+        #expect(try store.run(["vm", "start", "u"]).status == 0)
+        #expect(store.waitFor { store.consoleLog("u").contains("ready\n") }, "\(store.consoleLog("u"))")
+        let terminal = try Terminal()
+        let client = try Self.attach(store, "u", on: terminal)
+        #expect(terminal.waitFor("attached"), "\(terminal.text)")
+        let second = try store.run(["vm", "console", "u"])
+        #expect(second.status == 2 && second.stderr.contains("--force"), "\(second.stderr)")
+        terminal.type(Array("x".utf8))
+        #expect(terminal.waitFor("rx=x"), "\(terminal.text)")
+        // The guest ends (debug exit), its process with it, and the console says so and exits.
+        #expect(Self.wait(client) == 0, "\(terminal.text)")
+        #expect(terminal.waitFor("console closed"), "\(terminal.text)")
+        #expect(store.consoleLog("u").contains("rx=x"))
+    }
+
+    @Test("Ctrl-] detaches and leaves the VM running; --force takes over an attached console", .timeLimit(.minutes(1)))
+    func detach() throws {
+        let store = try VMStoreCLITests.Store()
+        #expect(try store.run(["vm", "create", "d"] + VMStoreCLITests.stateful(steps: 2000, ticks: 5)).status == 0)
+        #expect(try store.run(["vm", "start", "d"]).status == 0)
+        let terminal = try Terminal()
+        let client = try Self.attach(store, "d", on: terminal)
+        #expect(terminal.waitFor("attached"))
+        #expect(terminal.waitFor("step="), "\(terminal.text)")
+        terminal.type([0x1D])
+        #expect(Self.wait(client) == 0, "\(terminal.text)")
+        #expect(terminal.waitFor("detached"), "\(terminal.text)")
+        #expect(try store.state("d") == "running")
+
+        let first = try Terminal()
+        let holder = try Self.attach(store, "d", on: first)
+        #expect(first.waitFor("attached"))
+        let second = try Terminal()
+        let taker = try Self.attach(store, "d", on: second, force: true)
+        #expect(second.waitFor("attached"), "\(second.text)")
+        // The first console is closed by the server and its client exits; the second sees the guest.
+        #expect(Self.wait(holder) == 0, "\(first.text)")
+        #expect(first.waitFor("console closed"))
+        second.received = []
+        #expect(second.waitFor("step="), "\(second.text)")
+        kill(taker, SIGKILL)
+        _ = Self.wait(taker)
+        #expect(try store.run(["vm", "stop", "d"]).status == 0)
+    }
+}
+
 extension String {
     /// How many times `needle` occurs.
     func components(_ needle: String) -> Int { split(separator: needle, omittingEmptySubsequences: false).count - 1 }
