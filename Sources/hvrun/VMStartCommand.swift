@@ -56,6 +56,8 @@ struct VMStartCommand: ParsableCommand {
         let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
         guard length > 0 else { throw StoreError.system(operation: "readlink", path: "/proc/self/exe", errno: errno) }
         let executable = String(decoding: buffer[0..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+        // The process log keeps growing across starts: past 1 MiB the older part moves to hvrun.log.1.
+        if (StoreFiles.size(bundle.processLogPath) ?? 0) > 1 << 20 { rename(bundle.processLogPath, bundle.processLogPath + ".1") }
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
         defer { posix_spawn_file_actions_destroy(&actions) }

@@ -259,6 +259,41 @@ struct VMStoreCLITests {
         #expect(try store.run(["vm", "delete", "k"]).status == 0)
     }
 
+    @Test("delete keeps disks outside the bundle unless --delete-disks; the bundle's own disks go with it")
+    func deleteDisks() throws {
+        let store = try Store()
+        let kernel = try GuestImages.path("stateful.elf")
+        let outside = store.directory.file("outside.raw")
+        try RawImage.create(path: outside, size: 1 << 20)
+        #expect(try store.run(["vm", "create", "keep", "--kernel", kernel, "--disk", outside, "--new-disk", "4M"]).status == 0)
+        let info = try JSONValue.parse(try store.run(["vm", "info", "keep", "--json"]).stdout)
+        #expect(info["disks"]?[0]?["path"]?.stringValue == outside && info["disks"]?[0]?["in_bundle"] == .bool(false))
+        #expect(info["disks"]?[1]?["in_bundle"] == .bool(true))
+        #expect(try store.run(["vm", "delete", "keep"]).status == 0)
+        #expect(StoreFiles.exists(outside), "a disk outside the bundle survives a plain delete")
+        #expect(try store.run(["vm", "create", "drop", "--kernel", kernel, "--disk", outside + ",readonly"]).status == 0)
+        #expect(try store.run(["vm", "delete", "drop", "--delete-disks"]).status == 0)
+        #expect(!StoreFiles.exists(outside))
+    }
+
+    @Test("stop while paused; vm log --follow shows the guest as it writes", .timeLimit(.minutes(1)))
+    func stopPausedAndFollow() throws {
+        let store = try Store()
+        #expect(try store.run(["vm", "create", "f"] + Self.stateful(steps: 2000, ticks: 5)).status == 0)
+        #expect(try store.run(["vm", "start", "f"]).status == 0)
+        let follow = try store.spawn(["vm", "log", "f", "--follow"])
+        #expect(follow.waitForLine("step=3", timeoutSeconds: 20), "\(follow.output)")
+        follow.signal(SIGKILL)
+        _ = follow.wait(timeoutSeconds: 5)
+        let plain = try store.run(["vm", "log", "f"])
+        #expect(plain.status == 0 && plain.stdout.contains("stateful steps=2000"))
+        #expect(try store.run(["vm", "pause", "f"]).status == 0)
+        #expect(try store.run(["vm", "stop", "f"]).status == 0)
+        #expect(try store.state("f") == "off")
+        let help = try store.run(["vm", "--help"])
+        #expect(help.status == 0 && help.stdout.contains("create") && help.stdout.contains("console"), "\(help.stdout)")
+    }
+
     @Test("generated MACs are unique in the store and locally administered unicast; static ones are kept")
     func macs() throws {
         let store = try Store()
