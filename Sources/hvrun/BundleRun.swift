@@ -35,7 +35,7 @@ struct BundleRun {
         let configuration = try bundle.configuration()
         printError("hvrun: VM \(bundle.name) (pid \(getpid())): starting")
 
-        let console = try BundleConsole(logPath: bundle.consoleLogPath, socketPath: bundle.consoleSocketPath)
+        let console = try VMConsoleServer(logPath: bundle.consoleLogPath, socketPath: bundle.consoleSocketPath)
         let session = TerminalSession()   // stdin is /dev/null: only its SIGINT/SIGTERM handling is used
         let stop = StopRequest()
         session.onInterrupt { stop.request(signal: $0) }
@@ -68,7 +68,7 @@ struct BundleRun {
 
     /// Boots (or restores) the machine once and runs it to its end.
     private func runOnce(_ configuration: VMConfiguration, restoring saved: String?, disks: RunDisks,
-                         console: BundleConsole, stop: StopRequest) throws -> MachineExit {
+                         console: VMConsoleServer, stop: StopRequest) throws -> MachineExit {
         let machine: Machine
         if let saved {
             var options = RestoreOptions()

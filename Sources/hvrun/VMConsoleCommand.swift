@@ -5,7 +5,7 @@ import Glibc
 #endif
 
 /// `hvrun vm console NAME`: attach this terminal to a running VM's serial console through the VM
-/// process's `console.sock` (protocol in ``BundleConsole``). Ctrl-] detaches; the VM keeps running.
+/// process's `console.sock` (protocol in ``VMConsoleServer``). Ctrl-] detaches; the VM keeps running.
 struct VMConsoleCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
         commandName: "console", abstract: "Attach to a running VM's serial console; Ctrl-] detaches and leaves the VM running.")

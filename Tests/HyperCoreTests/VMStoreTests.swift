@@ -73,6 +73,82 @@ struct VMStoreUnitTests {
     }
 }
 
+/// The VM process's console without a VM: console.log rotation and the console.sock attach protocol.
+@Suite("VM console server")
+struct VMConsoleServerTests {
+    static func write(_ console: VMConsoleServer, _ text: String) {
+        Array(text.utf8).withUnsafeBytes { console.write($0) }
+    }
+
+    /// Connects to `path`, sends the request byte and returns the socket and the answer line.
+    static func attach(_ path: String, _ request: String) throws -> (fd: Int32, answer: String) {
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in for (i, b) in path.utf8.enumerated() { raw[i] = b } }
+        let connected = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        guard connected == 0 else { throw Subprocess.Failure.spawn("connect", errno) }
+        _ = send(fd, request, 1, Int32(MSG_NOSIGNAL))
+        return (fd, readUntil(fd, "\n"))
+    }
+
+    /// Reads until `needle` arrives, EOF, or 5 seconds pass.
+    static func readUntil(_ fd: Int32, _ needle: String) -> String {
+        var text = ""
+        let deadline = Clock.now + 5
+        while !text.contains(needle), Clock.now < deadline {
+            var entry = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            guard poll(&entry, 1, 100) > 0 else { continue }
+            var byte: UInt8 = 0
+            guard read(fd, &byte, 1) == 1 else { return text + "<EOF>" }
+            text.append(Character(UnicodeScalar(byte)))
+        }
+        return text
+    }
+
+    @Test("console.log is appended to and rotated to console.log.1 past the limit")
+    func rotation() throws {
+        let directory = try TemporaryDirectory()
+        let log = directory.file("console.log")
+        try StoreFiles.writeAtomically(log, Array("earlier run\n".utf8))
+        let console = try VMConsoleServer(logPath: log, socketPath: directory.file("console.sock"), rotateBytes: 100)
+        Self.write(console, "first line\n")
+        #expect(String(decoding: fileBytes(log), as: UTF8.self) == "earlier run\nfirst line\n")
+        // 23 + 4 × 22 bytes passes 100 on the fourth line: that write ends the file, which is rotated.
+        for index in 0..<5 { Self.write(console, "line \(index) of some output\n") }
+        let rotated = String(decoding: fileBytes(log + ".1"), as: UTF8.self)
+        let current = String(decoding: fileBytes(log), as: UTF8.self)
+        #expect(rotated == "earlier run\nfirst line\n" + (0..<4).map { "line \($0) of some output\n" }.joined(), "\(rotated)")
+        #expect(current == "line 4 of some output\n", "\(current)")
+    }
+
+    @Test("attach: OK then output; a second client is BUSY; F takes over and the first sees EOF")
+    func attachProtocol() throws {
+        let directory = try TemporaryDirectory()
+        let socketPath = directory.file("console.sock")
+        let console = try VMConsoleServer(logPath: directory.file("console.log"), socketPath: socketPath)
+        try console.serve()
+        defer { console.removeSocket() }
+        let first = try Self.attach(socketPath, "A")
+        defer { close(first.fd) }
+        #expect(first.answer == "OK\n")
+        Self.write(console, "hello\n")
+        #expect(Self.readUntil(first.fd, "hello\n") == "hello\n")
+        let second = try Self.attach(socketPath, "A")
+        defer { close(second.fd) }
+        #expect(second.answer.hasPrefix("BUSY\n"))
+        let third = try Self.attach(socketPath, "F")
+        defer { close(third.fd) }
+        #expect(third.answer == "OK\n")
+        #expect(Self.readUntil(first.fd, "never").hasSuffix("<EOF>"))
+        Self.write(console, "again\n")
+        #expect(Self.readUntil(third.fd, "again\n") == "again\n")
+        #expect(try Self.attach(socketPath, "x").answer == "<EOF>", "an unknown request is dropped")
+    }
+}
+
 /// `hvrun vm` through the CLI, with real guests and the store in a temporary HVRUN_HOME.
 @Suite("hvrun vm: VMs in the store", .serialized, .tags(.kvm),
        .enabled(if: TestHost.kvmUsable, TestHost.kvmSkipReason),

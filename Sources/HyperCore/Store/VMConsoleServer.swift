@@ -1,10 +1,9 @@
-import HyperCore
-import Synchronization
+internal import Synchronization
 #if canImport(Glibc)
-import Glibc
+internal import Glibc
 #endif
 
-/// The serial console of a VM process (`hvrun run --bundle`): output goes to `console.log`
+/// The serial console of a store VM's process (`hvrun run --bundle`): output goes to `console.log`
 /// (rotated to `console.log.1` past 16 MiB) and to the client attached through `console.sock`,
 /// whose bytes go to the guest's UART. One client at a time; a client that asks with force takes
 /// the place of the attached one.
@@ -13,8 +12,10 @@ import Glibc
 /// attached); the server answers `OK\n` or `BUSY\n`; then the connection is the raw console in
 /// both directions until either side closes it. Output the client cannot take at once is dropped
 /// for it (the log keeps everything): a slow client never stalls the guest.
-final class BundleConsole: ConsoleOutput, @unchecked Sendable {
-    static let rotateBytes: Int64 = 16 << 20
+public final class VMConsoleServer: ConsoleOutput, @unchecked Sendable {
+    /// The size past which `console.log` is rotated (16 MiB).
+    public static let defaultRotateBytes: Int64 = 16 << 20
+    let rotateBytes: Int64
 
     private struct State {
         var log: Int32
@@ -23,19 +24,20 @@ final class BundleConsole: ConsoleOutput, @unchecked Sendable {
         var serial: Serial16550?
     }
     private let state: Mutex<State>
-    let logPath: String
-    let socketPath: String
+    public let logPath: String
+    public let socketPath: String
     private var listener: Int32 = -1
 
-    init(logPath: String, socketPath: String) throws {
+    public init(logPath: String, socketPath: String, rotateBytes: Int64 = VMConsoleServer.defaultRotateBytes) throws(StoreError) {
         self.logPath = logPath
         self.socketPath = socketPath
+        self.rotateBytes = rotateBytes
         let fd = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
-        guard fd >= 0 else { throw StoreError.system(operation: "open", path: logPath, errno: errno) }
+        guard fd >= 0 else { throw .system(operation: "open", path: logPath, errno: errno) }
         state = Mutex(State(log: fd, logSize: StoreFiles.size(logPath) ?? 0))
     }
 
-    func write(_ bytes: UnsafeRawBufferPointer) {
+    public func write(_ bytes: UnsafeRawBufferPointer) {
         guard let base = bytes.baseAddress, bytes.count > 0 else { return }
         state.withLock { state in
             var done = 0
@@ -45,7 +47,7 @@ final class BundleConsole: ConsoleOutput, @unchecked Sendable {
                 done += written
             }
             state.logSize += Int64(bytes.count)
-            if state.logSize > Self.rotateBytes {
+            if state.logSize > rotateBytes {
                 rename(logPath, logPath + ".1")
                 let fresh = open(logPath, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0o644)
                 if fresh >= 0 {
@@ -61,19 +63,19 @@ final class BundleConsole: ConsoleOutput, @unchecked Sendable {
     }
 
     /// The UART that client input goes to (a new one after each reboot).
-    func attach(_ serial: Serial16550) { state.withLock { $0.serial = serial } }
+    public func attach(_ serial: Serial16550) { state.withLock { $0.serial = serial } }
 
     /// Binds `console.sock` (mode 0600) and serves it on a dedicated thread.
-    func serve() throws {
+    public func serve() throws(StoreError) {
         unlink(socketPath)
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw StoreError.system(operation: "socket", path: socketPath, errno: errno) }
+        guard fd >= 0 else { throw .system(operation: "socket", path: socketPath, errno: errno) }
         var address = sockaddr_un()
         address.sun_family = sa_family_t(AF_UNIX)
         let bytes = Array(socketPath.utf8)
         guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
             close(fd)
-            throw StoreError.failed("\(socketPath) is longer than a Unix socket path may be (107 bytes); choose a shorter HVRUN_HOME")
+            throw .failed("\(socketPath) is longer than a Unix socket path may be (107 bytes); choose a shorter HVRUN_HOME")
         }
         withUnsafeMutableBytes(of: &address.sun_path) { raw in for (i, byte) in bytes.enumerated() { raw[i] = byte } }
         let previous = umask(0o177)
@@ -84,10 +86,10 @@ final class BundleConsole: ConsoleOutput, @unchecked Sendable {
         guard bound == 0, listen(fd, 4) == 0 else {
             let code = errno
             close(fd)
-            throw StoreError.system(operation: "bind", path: socketPath, errno: code)
+            throw .system(operation: "bind", path: socketPath, errno: code)
         }
         listener = fd
-        startThread { [self] in loop() }
+        startDetachedThread { [self] in loop() }
     }
 
     private func loop() {
@@ -152,13 +154,13 @@ final class BundleConsole: ConsoleOutput, @unchecked Sendable {
     }
 
     /// Removes `console.sock` (the process is ending).
-    func removeSocket() {
+    public func removeSocket() {
         if listener >= 0 { unlink(socketPath) }
     }
 }
 
 /// Runs `body` on a new detached thread.
-func startThread(_ body: @escaping @Sendable () -> Void) {
+func startDetachedThread(_ body: @escaping @Sendable () -> Void) {
     final class Box: @unchecked Sendable {
         let body: @Sendable () -> Void
         init(_ body: @escaping @Sendable () -> Void) { self.body = body }
