@@ -370,6 +370,52 @@ struct VMStoreCLITests {
         #expect(help.status == 0 && help.stdout.contains("create") && help.stdout.contains("console"), "\(help.stdout)")
     }
 
+    @Test("a VM process that dies at start: status 1 with the tail of its log, and the VM stays off")
+    func failedStart() throws {
+        let store = try Store()
+        let notAKernel = store.directory.file("notes.txt")
+        try StoreFiles.writeAtomically(notAKernel, Array("this is not a kernel\n".utf8))
+        #expect(try store.run(["vm", "create", "broken", "--kernel", notAKernel]).status == 0)
+        let started = try store.run(["vm", "start", "broken"])
+        #expect(started.status == 1, "\(started.stderr)")
+        #expect(started.stderr.contains("exited with status 1") && started.stderr.contains("hvrun.log"), "\(started.stderr)")
+        #expect(started.stderr.contains("ELF") || started.stderr.contains("kernel"), "the loader's reason is quoted: \(started.stderr)")
+        #expect(try store.state("broken") == "off")
+    }
+
+    @Test("concurrent creates of one name: exactly one succeeds, the other is refused with status 2")
+    func concurrentCreates() throws {
+        let store = try Store()
+        let kernel = try GuestImages.path("stateful.elf")
+        for round in 0..<3 {
+            let name = "same\(round)"
+            let processes = try (0..<2).map { _ in try store.spawn(["vm", "create", name, "--kernel", kernel, "--new-disk", "64M", "--nic", "lan"]) }
+            let statuses = processes.map { $0.wait(timeoutSeconds: 30) }.sorted()
+            #expect(statuses == [0, 2], "round \(round): \(processes.map(\.errors))")
+        }
+        #expect(StoreFiles.list(store.home + "/vms") == ["same0", "same1", "same2"],
+                "no staging directory is left behind: \(StoreFiles.list(store.home + "/vms"))")
+    }
+
+    @Test("Docs/vm.md lists every key vm info --json and vm list --json print")
+    func documentedKeys() throws {
+        let store = try Store()
+        #expect(try store.run(["vm", "create", "d", "--kernel", try GuestImages.path("stateful.elf"), "--new-disk", "4M", "--nic", "lan"]).status == 0)
+        let manual = String(decoding: try ImageFile.read(TestHost.repositoryRoot + "/Docs/vm.md"), as: UTF8.self)
+        func keys(_ value: JSONValue) -> [String] {
+            switch value {
+            case let .object(members): members.flatMap { [$0.0] + keys($0.1) }
+            case let .array(elements): elements.flatMap(keys)
+            default: []
+            }
+        }
+        let info = try JSONValue.parse(try store.run(["vm", "info", "d", "--json"]).stdout)
+        let list = try JSONValue.parse(try store.run(["vm", "list", "--json"]).stdout)
+        let all = Set(keys(info) + keys(list))
+        #expect(all.count >= 20)
+        for key in all { #expect(manual.contains("`\(key)`"), "vm info/list --json print \(key), which Docs/vm.md does not list") }
+    }
+
     @Test("generated MACs are unique in the store and locally administered unicast; static ones are kept")
     func macs() throws {
         let store = try Store()
