@@ -275,11 +275,21 @@ struct VMStopCommand: ParsableCommand {
             _ = try requireState(store, bundle, [.running, .paused, .starting], for: "stop")
             let pid = bundle.processID
             var asked = false
-            do {
-                try ControlConnection(path: bundle.controlSocketPath, timeoutSeconds: min(timeout, 5)).execute("stop", timeoutSeconds: min(timeout, 5))
-                asked = true
-            } catch let error as StoreError where force {
-                printError("hvrun: VM \(name) does not answer (\(error)); killing its process")
+            // A VM between a guest reset and its reboot has no control socket for a moment: retry a while.
+            let askDeadline = monotonicSeconds() + min(timeout, 5)
+            while !asked {
+                do {
+                    try ControlConnection(path: bundle.controlSocketPath, timeoutSeconds: min(timeout, 5)).execute("stop", timeoutSeconds: min(timeout, 5))
+                    asked = true
+                } catch let error as StoreError {
+                    if !FileLock.isHeld(bundle.lockPath) { return }   // it ended meanwhile
+                    if monotonicSeconds() < askDeadline { usleep(50_000); continue }
+                    guard force else {
+                        throw StoreError.failed("VM \(name) does not answer on its control socket (\(error)); hvrun vm stop --force \(name) kills its process")
+                    }
+                    printError("hvrun: VM \(name) does not answer (\(error)); killing its process")
+                    break
+                }
             }
             if asked, waitUntilUnlocked(bundle, timeoutSeconds: timeout) { return }
             guard force else {

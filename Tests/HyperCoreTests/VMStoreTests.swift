@@ -416,6 +416,20 @@ struct VMStoreCLITests {
         for key in all { #expect(manual.contains("`\(key)`"), "vm info/list --json print \(key), which Docs/vm.md does not list") }
     }
 
+    @Test("stop --force kills a VM process that does not answer; without --force it is an error", .timeLimit(.minutes(1)))
+    func forceStop() throws {
+        let store = try Store()
+        #expect(try store.run(["vm", "create", "hung"] + Self.stateful(steps: 2000, ticks: 5)).status == 0)
+        #expect(try store.run(["vm", "start", "hung"]).status == 0)
+        let pid = try #require(store.bundle("hung").processID)
+        kill(pid, SIGSTOP)
+        let plain = try store.run(["vm", "stop", "hung", "--timeout", "1"])
+        #expect(plain.status == 1 && plain.stderr.contains("--force"), "\(plain.stderr)")
+        let forced = try store.run(["vm", "stop", "hung", "--force", "--timeout", "1"])
+        #expect(forced.status == 0, "\(forced.stderr)")
+        #expect(try store.state("hung") == "off")
+    }
+
     @Test("generated MACs are unique in the store and locally administered unicast; static ones are kept")
     func macs() throws {
         let store = try Store()
@@ -450,7 +464,9 @@ struct VMStoreCLITests {
         #expect(try store.run(["vm", "start", "again"]).status == 0)
         #expect(store.waitFor { store.consoleLog("again").components("resetting\n") >= 3 }, "\(store.consoleLog("again"))")
         #expect(try ["running", "starting"].contains(store.state("again")))
-        #expect(try store.run(["vm", "stop", "again", "--force"]).status == 0)
+        // Plain stop: the VM is at times between a reset and its reboot, with no control socket.
+        let stopped = try store.run(["vm", "stop", "again"])
+        #expect(stopped.status == 0, "\(stopped.stderr)")
         #expect(try store.state("again") == "off")
 
         #expect(try store.run(["vm", "create", "once", "--kernel", kernel, "--on-reset", "stop"]).status == 0)
