@@ -14,11 +14,14 @@ struct VMStartCommand: ParsableCommand {
     @Argument(help: ArgumentHelp("The VM's name.", valueName: "name")) var name: String
     @Option(help: ArgumentHelp("Seconds to wait for the guest to run.", valueName: "seconds"))
     var timeout: Double = 30
+    @Flag(help: "Discard the saved state (if any) and boot afresh.")
+    var discardSaved = false
 
     func run() throws {
         try storeCommand { store in
             let bundle = try store.bundle(named: name)
-            _ = try requireState(store, bundle, [.off, .saved], for: "start")
+            let status = try requireState(store, bundle, [.off, .saved], for: "start")
+            if discardSaved, status.state == .saved { try store.discardSavedState(of: bundle) }
             let pid = try spawnVMProcess(bundle)
             let deadline = monotonicSeconds() + timeout
             while true {

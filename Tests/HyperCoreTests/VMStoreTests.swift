@@ -430,6 +430,31 @@ struct VMStoreCLITests {
         #expect(try store.state("hung") == "off")
     }
 
+    @Test("a saved VM whose disk changed since the save is refused at start and stays saved", .timeLimit(.minutes(1)))
+    func savedDiskChanged() throws {
+        let store = try Store()
+        let disk = store.directory.file("data.raw")
+        try RawImage.create(path: disk, size: 4 << 20)
+        #expect(try store.run(["vm", "create", "s"] + Self.stateful(steps: 2000, ticks: 5) + ["--disk", disk]).status == 0)
+        #expect(try store.run(["vm", "start", "s"]).status == 0)
+        #expect(try store.run(["vm", "save", "s"]).status == 0)
+        // Someone writes to the disk while the VM is saved.
+        let fd = open(disk, O_WRONLY)
+        var byte: UInt8 = 0x55
+        #expect(pwrite(fd, &byte, 1, 4096) == 1)
+        close(fd)
+        let started = try store.run(["vm", "start", "s"])
+        #expect(started.status == 1, "\(started.stderr)")
+        #expect(started.stderr.contains(disk), "the log tail names the disk: \(started.stderr)")
+        #expect(try store.state("s") == "saved")
+        #expect(StoreFiles.exists(store.bundle("s").savedPath + "/state"))
+        let fresh = try store.run(["vm", "start", "s", "--discard-saved"])
+        #expect(fresh.status == 0, "\(fresh.stderr)")
+        #expect(!StoreFiles.exists(store.bundle("s").savedPath))
+        #expect(store.waitFor { store.consoleLog("s").components("stateful steps=") == 2 }, "booted afresh: \(store.consoleLog("s"))")
+        #expect(try store.run(["vm", "stop", "s"]).status == 0)
+    }
+
     @Test("generated MACs are unique in the store and locally administered unicast; static ones are kept")
     func macs() throws {
         let store = try Store()

@@ -205,6 +205,16 @@ public struct VMStore: Sendable {
         }
     }
 
+    /// Removes a saved VM's `saved/` (refused while a process runs the VM): the next start boots afresh.
+    public func discardSavedState(of bundle: VMBundle) throws(StoreError) {
+        guard let lock = try FileLock.acquire(bundle.lockPath, wait: false) else {
+            throw .refused("VM \(bundle.name) is running")
+        }
+        let doomed = bundle.path + "/.saved-discarded-\(getpid())"
+        if rename(bundle.savedPath, doomed) == 0 { try StoreFiles.removeTree(doomed) }
+        _ = lock.fileDescriptor   // held until here
+    }
+
     /// Deletes the VM: refused (``StoreError/refused(_:)``) while a process runs it. Disks outside
     /// the bundle are left alone unless `deleteDisks`. Returns the disks it deleted outside the bundle.
     @discardableResult
