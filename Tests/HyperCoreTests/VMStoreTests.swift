@@ -58,6 +58,30 @@ struct VMStoreUnitTests {
         #expect(try VMStore.defaultRoot { ["HOME": "/home/u"][$0] } == "/home/u/.local/share/hvrun")
     }
 
+    @Test("create: a bundle with vm.json and the kernel; leftovers of a crashed create or delete are removed")
+    func createAndLeftovers() throws {
+        let directory = try TemporaryDirectory()
+        let store = VMStore(root: directory.path + "/store")
+        let kernel = directory.file("kernel.elf")
+        try StoreFiles.writeAtomically(kernel, Array("not really a kernel".utf8))
+        try StoreFiles.makeDirectories(store.vmsPath + "/.old.creating-99999")
+        try StoreFiles.writeAtomically(store.vmsPath + "/.old.creating-99999/kernel", [1, 2, 3])
+        try StoreFiles.makeDirectories(store.vmsPath + "/.gone.deleting-99998")
+        var request = VMCreateRequest(name: "fresh", kernel: kernel)
+        request.nics = [("lan", nil), ("lan", MACAddress("52:54:00:00:00:01"))]
+        let bundle = try store.create(request) { path, _ throws(StoreError) in Issue.record("no disk asked for: \(path)") }
+        #expect(StoreFiles.list(store.vmsPath) == ["fresh"])
+        #expect(store.names() == ["fresh"])
+        #expect(fileBytes(bundle.path + "/kernel") == fileBytes(kernel))
+        let configuration = try bundle.configuration()
+        #expect(configuration.nics.map(\.macGenerated) == [true, false])
+        #expect(store.status(of: bundle).state == .off)
+        #expect(throws: StoreError.refused("a VM named fresh already exists")) { try store.create(request) { _, _ throws(StoreError) in } }
+        #expect(throws: StoreError.notFound(name: "other")) { try store.bundle(named: "other") }
+        try store.delete(name: "fresh", deleteDisks: false)
+        #expect(StoreFiles.list(store.vmsPath).isEmpty)
+    }
+
     @Test("a lock is exclusive between open files, seen by isHeld, and released on close")
     func locks() throws {
         let directory = try TemporaryDirectory()
