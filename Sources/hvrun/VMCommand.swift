@@ -35,13 +35,17 @@ func storeCommand(_ body: (VMStore) throws -> Void) throws {
 /// Writes text to stdout as is.
 func printOut(_ text: String) {
     var text = text
-    text.withUTF8 { buffer in
-        var done = 0
-        while done < buffer.count {
-            let written = write(1, buffer.baseAddress! + done, buffer.count - done)
-            if written < 0 { if errno == EINTR { continue } else { return } }
-            done += written
-        }
+    text.withUTF8 { writeOut(UnsafeRawBufferPointer($0)) }
+}
+
+/// Writes bytes to stdout as they are (console output: a UTF-8 sequence may span two reads).
+func writeOut(_ bytes: UnsafeRawBufferPointer) {
+    guard let base = bytes.baseAddress else { return }
+    var done = 0
+    while done < bytes.count {
+        let written = write(1, base + done, bytes.count - done)
+        if written < 0 { if errno == EINTR { continue } else { return } }
+        done += written
     }
 }
 
@@ -325,7 +329,7 @@ struct VMLogCommand: ParsableCommand {
             var offset: Int64 = 0
             var identity = fileIdentity(bundle.consoleLogPath)
             if let bytes = try? StoreFiles.read(bundle.consoleLogPath) {
-                printOut(String(decoding: bytes, as: UTF8.self))
+                bytes.withUnsafeBytes { writeOut($0) }
                 offset = Int64(bytes.count)
             }
             guard follow else { return }
@@ -340,7 +344,7 @@ struct VMLogCommand: ParsableCommand {
                 let count = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(offset)) }
                 close(fd)
                 if count > 0 {
-                    printOut(String(decoding: buffer[0..<count], as: UTF8.self))
+                    buffer[0..<count].withUnsafeBytes { writeOut($0) }
                     offset += Int64(count)
                 }
             }

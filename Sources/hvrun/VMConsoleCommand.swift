@@ -43,7 +43,7 @@ struct VMConsoleCommand: ParsableCommand {
                 if fds[1].revents != 0 {
                     let count = buffer.withUnsafeMutableBytes { read(fd, $0.baseAddress, $0.count) }
                     if count <= 0 { terminal.restore(); printError("\r\nhvrun: the VM's console closed"); break }
-                    printOut(String(decoding: buffer[0..<count], as: UTF8.self))
+                    buffer[0..<count].withUnsafeBytes { writeOut($0) }
                 }
                 if fds[0].revents != 0 {
                     let count = buffer.withUnsafeMutableBytes { read(0, $0.baseAddress, $0.count) }
