@@ -85,7 +85,12 @@ struct RunCommand: ParsableCommand {
     @Option(help: ArgumentHelp("On SIGUSR1, save the machine into this directory and exit 0 (what `save` on the control socket does).", valueName: "dir"), completion: .directory)
     var saveOnSignal: String?
 
+    /// Internal: run the store VM in this bundle directory (what `hvrun vm start` spawns).
+    @Option(help: .private)
+    var bundle: String?
+
     func validate() throws {
+        if bundle != nil { return }
         if let cpus, !(1...MachineConfiguration.maximumCPUs).contains(cpus) {
             throw ValidationError("--cpus must be between 1 and \(MachineConfiguration.maximumCPUs)")
         }
@@ -107,6 +112,7 @@ struct RunCommand: ParsableCommand {
     }
 
     func run() throws {
+        if let bundle { throw ExitCode(try BundleRun(path: bundle).run()) }
         // SIGUSR1 (with --save-on-signal), SIGINT and SIGTERM are blocked and collected before any
         // disk is opened or thread started, so each ends in the same orderly shutdown: stop the
         // machine, close every disk, then exit.

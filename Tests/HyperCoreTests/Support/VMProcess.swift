@@ -11,7 +11,8 @@ final class VMProcess {
     let errorPath: String
     private var exitStatus: Int32?
 
-    init(_ arguments: [String]) throws {
+    /// `environment`: `NAME=value` entries added to (or replacing those of) this process's environment.
+    init(_ arguments: [String], environment: [String] = []) throws {
         guard let hvrun = TestHost.hvrunPath else { throw Subprocess.Failure.spawn("hvrun (not built next to the tests)", 2) }
         let base = "/tmp/hypercore-vm-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         outputPath = base + ".out"
@@ -25,7 +26,16 @@ final class VMProcess {
         let argv = ([hvrun] + arguments).map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
         var pid: pid_t = 0
-        let spawned = posix_spawn(&pid, hvrun, &actions, nil, argv, environ)
+        var entries: [String] = []
+        var index = 0
+        while let entry = environ[index] {
+            let text = String(cString: entry)
+            if !environment.contains(where: { text.hasPrefix(String($0.prefix { $0 != "=" }) + "=") }) { entries.append(text) }
+            index += 1
+        }
+        let envp = (entries + environment).map { strdup($0) } + [nil]
+        defer { envp.forEach { free($0) } }
+        let spawned = posix_spawn(&pid, hvrun, &actions, nil, argv, envp)
         guard spawned == 0 else { throw Subprocess.Failure.spawn(hvrun, spawned) }
         self.pid = pid
     }

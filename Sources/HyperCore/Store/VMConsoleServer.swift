@@ -1,0 +1,175 @@
+internal import Synchronization
+#if canImport(Glibc)
+internal import Glibc
+#endif
+
+/// The serial console of a store VM's process (`hvrun run --bundle`): output goes to `console.log`
+/// (rotated to `console.log.1` past 16 MiB) and to the client attached through `console.sock`,
+/// whose bytes go to the guest's UART. One client at a time; a client that asks with force takes
+/// the place of the attached one.
+///
+/// Attach protocol: the client sends one byte, `A` (attach) or `F` (attach, detaching whoever is
+/// attached); the server answers `OK\n` or `BUSY\n`; then the connection is the raw console in
+/// both directions until either side closes it. Output the client cannot take at once is dropped
+/// for it (the log keeps everything): a slow client never stalls the guest.
+public final class VMConsoleServer: ConsoleOutput, @unchecked Sendable {
+    /// The size past which `console.log` is rotated (16 MiB).
+    public static let defaultRotateBytes: Int64 = 16 << 20
+    let rotateBytes: Int64
+
+    private struct State {
+        var log: Int32
+        var logSize: Int64
+        var client: Int32 = -1
+        var serial: Serial16550?
+    }
+    private let state: Mutex<State>
+    public let logPath: String
+    public let socketPath: String
+    private var listener: Int32 = -1
+
+    public init(logPath: String, socketPath: String, rotateBytes: Int64 = VMConsoleServer.defaultRotateBytes) throws(StoreError) {
+        self.logPath = logPath
+        self.socketPath = socketPath
+        self.rotateBytes = rotateBytes
+        let fd = open(logPath, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0o644)
+        guard fd >= 0 else { throw .system(operation: "open", path: logPath, errno: errno) }
+        state = Mutex(State(log: fd, logSize: StoreFiles.size(logPath) ?? 0))
+    }
+
+    public func write(_ bytes: UnsafeRawBufferPointer) {
+        guard let base = bytes.baseAddress, bytes.count > 0 else { return }
+        state.withLock { state in
+            var done = 0
+            while done < bytes.count {
+                let written = Glibc.write(state.log, base + done, bytes.count - done)
+                if written < 0 { if errno == EINTR { continue } else { break } }
+                done += written
+            }
+            state.logSize += Int64(bytes.count)
+            if state.logSize > rotateBytes {
+                rename(logPath, logPath + ".1")
+                let fresh = open(logPath, O_WRONLY | O_CREAT | O_TRUNC | O_APPEND | O_CLOEXEC, 0o644)
+                if fresh >= 0 {
+                    close(state.log)
+                    state.log = fresh
+                    state.logSize = 0
+                }
+            }
+            if state.client >= 0 {
+                _ = send(state.client, base, bytes.count, Int32(MSG_NOSIGNAL | MSG_DONTWAIT))
+            }
+        }
+    }
+
+    /// The UART that client input goes to (a new one after each reboot).
+    public func attach(_ serial: Serial16550) { state.withLock { $0.serial = serial } }
+
+    /// Binds `console.sock` (mode 0600) and serves it on a dedicated thread.
+    public func serve() throws(StoreError) {
+        unlink(socketPath)
+        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
+        guard fd >= 0 else { throw .system(operation: "socket", path: socketPath, errno: errno) }
+        var address = sockaddr_un()
+        address.sun_family = sa_family_t(AF_UNIX)
+        let bytes = Array(socketPath.utf8)
+        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
+            close(fd)
+            throw .failed("\(socketPath) is longer than a Unix socket path may be (107 bytes); choose a shorter HVRUN_HOME")
+        }
+        withUnsafeMutableBytes(of: &address.sun_path) { raw in for (i, byte) in bytes.enumerated() { raw[i] = byte } }
+        let previous = umask(0o177)
+        let bound = withUnsafePointer(to: &address) {
+            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
+        }
+        umask(previous)
+        guard bound == 0, listen(fd, 4) == 0 else {
+            let code = errno
+            close(fd)
+            throw .system(operation: "bind", path: socketPath, errno: code)
+        }
+        listener = fd
+        startDetachedThread { [self] in loop() }
+    }
+
+    private func loop() {
+        var blocked = sigset_t()
+        sigfillset(&blocked)
+        pthread_sigmask(SIG_BLOCK, &blocked, nil)
+        var buffer = [UInt8](repeating: 0, count: 4096)
+        while true {
+            let client = state.withLock { $0.client }
+            var fds = [pollfd(fd: listener, events: Int16(POLLIN), revents: 0)]
+            if client >= 0 { fds.append(pollfd(fd: client, events: Int16(POLLIN), revents: 0)) }
+            let ready = fds.withUnsafeMutableBufferPointer { poll($0.baseAddress, nfds_t($0.count), 500) }
+            if ready < 0 { if errno == EINTR { continue } else { return } }
+            if fds.count > 1, fds[1].revents != 0 {
+                let count = buffer.withUnsafeMutableBytes { read(client, $0.baseAddress, $0.count) }
+                if count > 0 {
+                    let input = Array(buffer[0..<count])
+                    state.withLock { $0.serial }?.receive(input)
+                } else if count == 0 || (errno != EINTR && errno != EAGAIN) {
+                    detach(client)
+                }
+            }
+            if fds[0].revents & Int16(POLLIN) != 0 { accept() }
+        }
+    }
+
+    private func detach(_ fd: Int32) {
+        state.withLock { state in
+            if state.client == fd {
+                state.client = -1
+                Glibc.close(fd)
+            }
+        }
+    }
+
+    private func accept() {
+        let fd = Glibc.accept(listener, nil, nil)
+        guard fd >= 0 else { return }
+        _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
+        // The request byte, with a deadline: a client that says nothing is dropped.
+        var entry = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+        var request: UInt8 = 0
+        guard poll(&entry, 1, 2000) == 1, read(fd, &request, 1) == 1, request == UInt8(ascii: "A") || request == UInt8(ascii: "F") else {
+            close(fd)
+            return
+        }
+        // The answer is sent under the lock, so no console output can come before it.
+        let accepted = state.withLock { state -> Bool in
+            if state.client >= 0, request != UInt8(ascii: "F") { return false }
+            if state.client >= 0 {
+                shutdown(state.client, Int32(SHUT_RDWR))
+                Glibc.close(state.client)
+            }
+            _ = "OK\n".withCString { send(fd, $0, 3, Int32(MSG_NOSIGNAL)) }
+            state.client = fd
+            return true
+        }
+        if !accepted {
+            _ = "BUSY\n".withCString { send(fd, $0, 5, Int32(MSG_NOSIGNAL)) }
+            Glibc.close(fd)
+        }
+    }
+
+    /// Removes `console.sock` (the process is ending).
+    public func removeSocket() {
+        if listener >= 0 { unlink(socketPath) }
+    }
+}
+
+/// Runs `body` on a new detached thread.
+func startDetachedThread(_ body: @escaping @Sendable () -> Void) {
+    final class Box: @unchecked Sendable {
+        let body: @Sendable () -> Void
+        init(_ body: @escaping @Sendable () -> Void) { self.body = body }
+    }
+    var thread = pthread_t()
+    let box = Unmanaged.passRetained(Box(body)).toOpaque()
+    let result = pthread_create(&thread, nil, { argument in
+        Unmanaged<Box>.fromOpaque(argument!).takeRetainedValue().body()
+        return nil
+    }, box)
+    if result == 0 { pthread_detach(thread) } else { Unmanaged<Box>.fromOpaque(box).release() }
+}

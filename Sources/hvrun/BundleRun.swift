@@ -1,0 +1,123 @@
+import HyperCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The process of one running VM of the store: `hvrun run --bundle DIR`, spawned by `hvrun vm start`.
+///
+/// It holds the write lock on the bundle's `lock` file (with its pid in it) for as long as it
+/// lives — that lock *is* the VM's "running" state, and the kernel drops it when the process dies,
+/// however it dies. It boots the VM from `vm.json` (or continues it from `saved/`, which it removes
+/// once the guest runs), writes the serial console to `console.log`, serves `control.sock` and
+/// `console.sock`, and re-boots the guest after a reset when `on_reset` is `restart`.
+/// Exit status: 0 when the VM ended (power-off, reset with on_reset=stop, stop, save), 2 when
+/// another process holds the VM, else as `hvrun run`.
+struct BundleRun {
+    let bundle: VMBundle
+
+    init(path: String) {
+        let absolute = StoreFiles.absolute(path)
+        let name = absolute.split(separator: "/").last.map(String.init) ?? absolute
+        bundle = VMBundle(name: name, path: absolute)
+    }
+
+    func run() throws -> Int32 {
+        // Nothing the starting command had open (a caller's pipes, say) stays open in a process
+        // that outlives it.
+        for fd in 3..<Int32(1024) { close(fd) }
+        guard let lock = try FileLock.acquire(bundle.lockPath, wait: false) else {
+            printError("hvrun: VM \(bundle.name) is running (another process holds \(bundle.lockPath))")
+            return 2
+        }
+        defer { withExtendedLifetime(lock) {} }
+        lock.write("\(getpid())\n")
+        // Locked: a delete that ran before us has removed vm.json; one after us cannot start.
+        let configuration = try bundle.configuration()
+        printError("hvrun: VM \(bundle.name) (pid \(getpid())): starting")
+
+        let console = try VMConsoleServer(logPath: bundle.consoleLogPath, socketPath: bundle.consoleSocketPath)
+        let session = TerminalSession()   // stdin is /dev/null: only its SIGINT/SIGTERM handling is used
+        let stop = StopRequest()
+        session.onInterrupt { stop.request(signal: $0) }
+        try console.serve()
+        defer { console.removeSocket() }
+
+        var restoreFrom: String? = StoreFiles.exists(bundle.savedPath + "/state") ? bundle.savedPath : nil
+        while true {
+            let disks = RunDisks()
+            let exit: MachineExit
+            do {
+                exit = try runOnce(configuration, restoring: restoreFrom, disks: disks, console: console, stop: stop)
+            } catch {
+                for failure in disks.closeAll() { printError("hvrun: \(failure)") }
+                throw error
+            }
+            restoreFrom = nil
+            var status = RunCommand.status(for: exit, signal: stop.signal)
+            let failures = disks.closeAll()
+            for failure in failures { printError("hvrun: \(failure)") }
+            if !failures.isEmpty, status == 0 { status = 1 }
+            printError("hvrun: VM \(bundle.name): \(exit)")
+            if exit == .reset, configuration.onReset == .restart, stop.signal == nil, failures.isEmpty {
+                printError("hvrun: VM \(bundle.name): on_reset=restart, booting again")
+                continue
+            }
+            return status
+        }
+    }
+
+    /// Boots (or restores) the machine once and runs it to its end.
+    private func runOnce(_ configuration: VMConfiguration, restoring saved: String?, disks: RunDisks,
+                         console: VMConsoleServer, stop: StopRequest) throws -> MachineExit {
+        let machine: Machine
+        if let saved {
+            var options = RestoreOptions()
+            options.console = console
+            options.diskPaths = configuration.disks.map { bundle.activePath(of: $0) }
+            options.expectedCPUCount = configuration.cpus
+            options.expectedMemorySize = configuration.memoryBytes
+            machine = try Machine(restoring: saved, options: options)
+            for device in machine.configuration.virtioDevices {
+                if case let .block(backend, _) = device.kind {
+                    disks.adopt(backend, path: (backend as? VHDXImage)?.path ?? (backend as? RawImage)?.path ?? "disk")
+                }
+            }
+        } else {
+            let kernelPath = bundle.file(configuration.boot.kernel)
+            let kernel = try ImageFile.read(kernelPath)
+            let initrd = try configuration.boot.initrd.map { name throws(BootError) in try ImageFile.read(bundle.file(name)) }
+            let cmdline = configuration.boot.cmdline
+            var machineConfiguration = MachineConfiguration(boot: BzImageHeader.looksLikeBzImage(kernel)
+                ? .linux(kernel: kernel, kernelName: kernelPath, initrd: initrd, commandLine: cmdline)
+                : .pvh(kernel: kernel, kernelName: kernelPath, initrd: initrd, commandLine: cmdline))
+            machineConfiguration.memorySize = configuration.memoryBytes
+            machineConfiguration.cpuCount = configuration.cpus
+            machineConfiguration.console = console
+            for (index, disk) in configuration.disks.enumerated() {
+                let backend = try disks.open(DiskOption(path: bundle.activePath(of: disk), readOnly: disk.readonly))
+                machineConfiguration.virtioDevices.append(.init(.block(backend, identifier: "hvrun-disk\(index)"), transport: .pci))
+            }
+            machine = try Machine(machineConfiguration)
+        }
+        guard !stop.attach(machine) else { return .stopped }
+        console.attach(machine.serial)
+        let server = try ControlServer(path: bundle.controlSocketPath, machine: machine)
+        defer { server.close() }
+        do {
+            try machine.start()
+            try server.start()
+        } catch {
+            machine.stop()
+            throw error
+        }
+        if let saved {
+            // The guest runs on from here: the saved state is spent (its memory stays mapped privately).
+            let spent = bundle.path + "/.saved-spent-\(getpid())"
+            if rename(saved, spent) == 0 { try? StoreFiles.removeTree(spent) }
+            printError("hvrun: VM \(bundle.name): continued from its saved state")
+        }
+        let exit = machine.wait()
+        server.close()
+        return exit
+    }
+}
