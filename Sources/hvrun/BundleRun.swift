@@ -77,11 +77,7 @@ struct BundleRun {
             options.expectedCPUCount = configuration.cpus
             options.expectedMemorySize = configuration.memoryBytes
             machine = try Machine(restoring: saved, options: options)
-            for device in machine.configuration.virtioDevices {
-                if case let .block(backend, _) = device.kind {
-                    disks.adopt(backend, path: (backend as? VHDXImage)?.path ?? (backend as? RawImage)?.path ?? "disk")
-                }
-            }
+            disks.adoptDisks(of: machine)
         } else {
             let kernelPath = bundle.file(configuration.boot.kernel)
             let kernel = try ImageFile.read(kernelPath)
@@ -118,6 +114,7 @@ struct BundleRun {
         }
         let exit = machine.wait()
         server.close()
+        disks.adoptDisks(of: machine)
         return exit
     }
 }

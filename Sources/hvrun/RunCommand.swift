@@ -174,6 +174,7 @@ struct RunCommand: ParsableCommand {
         saveSignal?.watch(machine)
         let exit = machine.wait(timeout: timeout.map { .milliseconds(Int64(($0 * 1000).rounded())) })
         server?.close()
+        opened.adoptDisks(of: machine)
         if restore == nil, let timer = machine.configuration.bootTimer { printError("hvrun: boot time\n" + timer.report()) }
         return Self.status(for: exit, signal: stop.signal)
     }
@@ -196,9 +197,7 @@ struct RunCommand: ParsableCommand {
         options.expectedMemorySize = memory?.bytes
         if bootTime { options.bootTimer = BootTimer(origin: BootTimer.processStart() ?? BootTimer.now()) }
         let machine = try Machine(restoring: restore!, options: options)
-        for device in machine.configuration.virtioDevices {
-            if case let .block(backend, _) = device.kind { opened.adopt(backend, path: (backend as? VHDXImage)?.path ?? (backend as? RawImage)?.path ?? "disk") }
-        }
+        opened.adoptDisks(of: machine)
         return machine
     }
 

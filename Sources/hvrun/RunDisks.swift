@@ -19,9 +19,12 @@ final class RunDisks {
         return backend
     }
 
-    /// Keeps a disk opened elsewhere (a restored machine's, opened by the library) for ``closeAll()``.
-    func adopt(_ backend: any BlockBackend, path: String) {
-        opened.append((path, backend))
+    /// Keeps the disks `machine` uses now for ``closeAll()``: those the library opened for a
+    /// restore, and the differencing children a checkpoint moved the guest onto.
+    func adoptDisks(of machine: Machine) {
+        for backend in machine.blockBackends where !opened.contains(where: { $0.backend === backend }) {
+            opened.append(((backend as? VHDXImage)?.path ?? (backend as? RawImage)?.path ?? "a disk", backend))
+        }
     }
 
     /// Flushes and closes every disk (VHDX: applies the log, rewrites both headers with a zero

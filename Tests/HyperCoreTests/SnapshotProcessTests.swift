@@ -256,6 +256,61 @@ struct SnapshotProcessTests {
         #expect(Self.steps(process.output + restored.output) == Array(1...30))
     }
 
+    @Test("a checkpoint of a running guest: a short pause, the VHDX frozen under a new differencing child, both futures end alike",
+          .timeLimit(.minutes(2)))
+    func checkpointRunningGuest() throws {
+        let directory = try TemporaryDirectory()
+        let setup = Setup(cpus: 2, transport: "pci", disk: "vhdx", console: false)
+        let reference = try TestHost.hvrun(try Self.arguments(setup, steps: 40, disk: try Self.makeDisk("vhdx", in: directory, name: "reference")))
+        let expected = try #require(Self.result(reference.stdout))
+
+        let base = try #require(try Self.makeDisk("vhdx", in: directory, name: "base"))
+        let child = directory.file("child.avhdx")
+        let checkpoint = directory.file("checkpoint")
+        let socket = directory.file("control.sock")
+        let process = try VMProcess(try Self.arguments(setup, steps: 40, disk: base) + ["--control", socket])
+        #expect(process.waitForLine("step=10"))
+        let client = try ControlClient(path: socket)
+        let reply = try client.execute("checkpoint", arguments: [("path", .string(checkpoint)), ("disks", .array([.string(child)]))])
+        #expect(reply["return"]?["state"]?.stringValue == "running", "\(reply.rendered())")
+        #expect(reply["return"]?["disks"] == .array([.string(child)]))
+        #expect((reply["return"]?["pause_ms"]?.doubleValue ?? 0) > 0)
+        #expect(process.wait(timeoutSeconds: 60) == 0x41, "\(process.errors)")
+        #expect(Self.result(process.output) == expected, "the guest ran on, on the child, to the same end")
+
+        // The base is exactly the disk the checkpoint recorded; the writes after it are in the child.
+        let saved = try SnapshotDirectory.read(checkpoint)
+        #expect(saved.configuration.virtio.first?.disk?.path == base)
+        #expect(try DiskIdentity.current(path: base) == saved.configuration.virtio.first?.disk?.identity)
+        let childImage = try VHDXImage(path: child, options: .init(readOnly: true))
+        #expect(childImage.isDifferencing)
+        // Both files closed cleanly and consistent (qemu-img has no differencing VHDX support; it checks the base).
+        let childCheck = try TestHost.hvrun(["disk", "check", child])
+        #expect(childCheck.status == 0, "\(childCheck.stdout)\(childCheck.stderr)")
+        if TestHost.hasTool("qemu-img") {
+            let check = try Subprocess.run("qemu-img", ["check", "-f", "vhdx", base])
+            #expect(check.status == 0, "\(check.stdout)\(check.stderr)")
+        }
+        // The checkpoint's own future, on a copy of the base (restoring onto the base itself would
+        // invalidate the child): it continues in a new process and ends the same way.
+        let copy = directory.file("base-copy.vhdx")
+        #expect(try Subprocess.run("cp", [base, copy]).status == 0)
+        let restored = try TestHost.hvrun(["run", "--restore", checkpoint, "--disk", copy, "--timeout", "60"])
+        #expect(restored.status == 0x41, "\(restored.stderr)")
+        #expect(Self.steps(restored.stdout).first.map { $0 > 10 } == true)
+        #expect(Self.result(restored.stdout) == expected)
+
+        // A raw disk cannot have a child: the checkpoint is refused and the guest runs on.
+        let raw = try #require(try Self.makeDisk("raw", in: directory, name: "raw"))
+        let rawProcess = try VMProcess(try Self.arguments(setup, steps: 40, disk: raw) + ["--control", socket])
+        #expect(rawProcess.waitForLine("step=5"))
+        let refused = try ControlClient(path: socket).execute("checkpoint", arguments: [("path", .string(directory.file("cp2"))), ("disks", .array([.string(directory.file("c2.avhdx"))]))])
+        #expect(refused["error"]?["desc"]?.stringValue?.contains("raw disk") == true, "\(refused.rendered())")
+        #expect(rawProcess.wait(timeoutSeconds: 60) == 0x41)
+        var info = stat()
+        #expect(stat(directory.file("cp2"), &info) != 0 && stat(directory.file("c2.avhdx"), &info) != 0)
+    }
+
     @Test("stop during save, and SIGKILL at any moment of a save, leave the old snapshot or the new one, never a broken one",
           .timeLimit(.minutes(3)))
     func interruptedSaves() throws {

@@ -231,10 +231,26 @@ public final class ControlServer: @unchecked Sendable {
                     return (Self.success(result, id: id), { [machine] in machine.finish(.saved(path)) })
                 }
                 return (Self.success(result, id: id), nil)
+            case "checkpoint":
+                // {"path": DIR, "disks": [CHILD, …]}: one new differencing VHDX per writable disk.
+                guard let path = arguments["path"]?.stringValue, !path.isEmpty,
+                      case let .array(list)? = arguments["disks"], list.allSatisfy({ $0.stringValue != nil }) else {
+                    return (Self.error("GenericError", "checkpoint needs {\"path\": DIRECTORY, \"disks\": [CHILD.avhdx, …]}", id: id), nil)
+                }
+                do throws(SnapshotError) {
+                    let result = try machine.checkpoint(to: path, childPaths: list.compactMap(\.stringValue))
+                    return (Self.success([("path", .string(path)),
+                                          ("memory_bytes_written", .number(Int64(result.written.memoryBytes))),
+                                          ("pause_ms", .double(Double(result.pauseNanoseconds / 1000) / 1000)),
+                                          ("disks", .array(result.children.map { $0.map(JSONValue.string) ?? .null })),
+                                          ("state", .string(machine.runState.rawValue))], id: id), nil)
+                } catch {
+                    throw .failed(error.description)
+                }
             case "stop":
                 return (Self.success([], id: id), { [machine] in machine.finish(.stopped) })
             default:
-                return (Self.error("CommandNotFound", "unknown command \(verb); known: info, pause, resume, save, snapshot, stop", id: id), nil)
+                return (Self.error("CommandNotFound", "unknown command \(verb); known: info, pause, resume, save, snapshot, checkpoint, stop", id: id), nil)
             }
         } catch {
             return (Self.error("GenericError", error.description, id: id), nil)

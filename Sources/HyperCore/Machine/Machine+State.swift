@@ -209,10 +209,13 @@ extension Machine {
 
     private func snapshotConfiguration() throws(SnapshotError) -> SnapshotConfiguration {
         var virtioDevices: [SnapshotVirtioDevice] = []
+        // The disks in use now: a checkpoint may have moved the guest onto differencing children.
+        var current = blockBackends.makeIterator()
         for device in configuration.virtioDevices {
             let transport: SnapshotVirtioDevice.Transport = device.transport == .pci ? .pci : .mmio
             switch device.kind {
-            case let .block(backend, identifier):
+            case let .block(configured, identifier):
+                let backend = current.next() ?? configured
                 let (path, identity) = try DiskIdentity.of(backend)
                 virtioDevices.append(SnapshotVirtioDevice(kind: .block, transport: transport,
                                                           disk: SnapshotDisk(path: path, readOnly: backend.isReadOnly,

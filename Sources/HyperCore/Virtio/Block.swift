@@ -30,7 +30,9 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     /// Largest range one discard or write-zeroes segment may cover, in sectors (1 GiB).
     static let maximumZeroSectors: UInt32 = 1 << 21
 
-    public let backend: any BlockBackend
+    /// The disk. Requests run under the device core's lock, and so does ``replaceBackend(_:)``
+    /// (a checkpoint moving the guest onto a differencing child), so a request never sees two.
+    public private(set) var backend: any BlockBackend
     public let queueSize: UInt16
     private let identifier: [UInt8]
     private let config: [UInt8]
@@ -71,6 +73,16 @@ public final class VirtioBlock: VirtioDevice, @unchecked Sendable {
     }
 
     public func activate(_ context: VirtioDeviceContext) { negotiated = context.features }
+
+    /// Puts another disk behind the device; the guest sees no change, so it must have the same
+    /// size, sector sizes and read-only flag. Call with the core's lock held (``Machine/replaceDisk(_:with:)`` does).
+    func replaceBackend(_ new: any BlockBackend) throws(MachineError) {
+        guard new.virtualSize == backend.virtualSize, new.logicalSectorSize == backend.logicalSectorSize,
+              new.physicalSectorSize == backend.physicalSectorSize, new.isReadOnly == backend.isReadOnly else {
+            throw .invalidConfiguration("the replacement disk differs from the one the guest sees (size \(new.virtualSize) vs \(backend.virtualSize), sectors \(new.logicalSectorSize)/\(new.physicalSectorSize) vs \(backend.logicalSectorSize)/\(backend.physicalSectorSize), read-only \(new.isReadOnly) vs \(backend.isReadOnly))")
+        }
+        backend = new
+    }
 
     /// Requests complete before a pause (the core quiesces under its lock), so only the
     /// negotiated features remain; the disk's contents are the disk's.

@@ -1,0 +1,90 @@
+#if canImport(Glibc)
+internal import Glibc
+#endif
+
+/// What a checkpoint did and how long the guest was paused for it.
+public struct CheckpointResult: Sendable {
+    public var written: SnapshotDirectory.Written
+    /// The guest-visible pause: from the pause to the resume (or to the end, if it stays paused).
+    public var pauseNanoseconds: UInt64
+    /// Per disk, in configuration order: the differencing child the guest writes to now (nil for
+    /// a read-only disk, which never changes and keeps its file).
+    public var children: [String?]
+}
+
+extension Machine {
+    /// The virtio-blk devices' disks as they are now, in configuration order (after a checkpoint,
+    /// the differencing children).
+    public var blockBackends: [any BlockBackend] {
+        blockDevices.map { core, device in core.lock.withLock { device.backend } }
+    }
+
+    private var blockDevices: [(VirtioDeviceCore, VirtioBlock)] {
+        (virtio?.cores ?? []).compactMap { core in (core.device as? VirtioBlock).map { (core, $0) } }
+    }
+
+    /// Puts `backend` behind block device `index` (same size, sectors and read-only flag), between
+    /// two requests. The old disk is left open: the caller closes it.
+    public func replaceDisk(_ index: Int, with backend: any BlockBackend) throws(MachineError) {
+        let devices = blockDevices
+        guard devices.indices.contains(index) else {
+            throw .invalidConfiguration("there is no disk \(index); this machine has \(devices.count)")
+        }
+        let (core, device) = devices[index]
+        try core.lock.withLock { () throws(MachineError) in try device.replaceBackend(backend) }
+    }
+
+    /// A checkpoint in Hyper-V's sense, in one short pause: the machine's complete state goes to
+    /// `directory` (a snapshot whose disks are the files written so far), then every writable disk
+    /// continues on a new differencing VHDX at `childPaths[i]` whose parent is that file, so the
+    /// snapshot's disks never change again. A machine that was running runs on.
+    ///
+    /// Raw disks are refused (a raw file cannot have a differencing child): convert them first.
+    /// On failure nothing is switched, created children are removed, and a running machine runs on.
+    @discardableResult
+    public func checkpoint(to directory: String, childPaths: [String]) throws(SnapshotError) -> CheckpointResult {
+        let devices = blockDevices
+        let writable = devices.enumerated().filter { !$0.element.1.backend.isReadOnly }.map(\.offset)
+        for index in writable where !(devices[index].1.backend is VHDXImage) {
+            let path = (devices[index].1.backend as? RawImage)?.path ?? "disk \(index)"
+            throw .wrongState("\(path) is a raw disk: checkpoints need VHDX disks (convert it with `hvrun disk convert \(path) NEW.vhdx`)")
+        }
+        guard childPaths.count == writable.count else {
+            throw .wrongState("\(writable.count) writable disks need \(writable.count) child paths, not \(childPaths.count)")
+        }
+        let wasRunning = runState == .running
+        let start = monotonicNanoseconds()
+        do throws(MachineError) { try pause() } catch { throw .machine(error.description) }
+        var created: [String] = []
+        var switched: [(index: Int, old: any BlockBackend)] = []
+        do throws(SnapshotError) {
+            let written = try snapshot(to: directory)
+            var children: [String?] = Array(repeating: nil, count: devices.count)
+            for (index, childPath) in zip(writable, childPaths) {
+                guard let parent = devices[index].1.backend as? VHDXImage else { continue }
+                let child: VHDXImage
+                do throws(VHDXError) {
+                    try VHDXImage.create(path: childPath, options: VHDXCreateOptions(type: .differencing, parentPath: parent.path))
+                    created.append(childPath)
+                    child = try VHDXImage(path: childPath)
+                } catch {
+                    throw .machine("creating the differencing disk \(childPath): \(error)")
+                }
+                do throws(MachineError) { try replaceDisk(index, with: child) } catch { throw .machine(error.description) }
+                switched.append((index, parent))
+                children[index] = childPath
+            }
+            // The parents are read-only from here on (each child holds its own read-only handle).
+            for (_, old) in switched { try? old.close() }
+            let end = monotonicNanoseconds()
+            if wasRunning { try? resume() }
+            return CheckpointResult(written: written, pauseNanoseconds: end - start, children: children)
+        } catch {
+            for (index, old) in switched.reversed() { try? replaceDisk(index, with: old) }
+            for path in created { unlink(path) }
+            SnapshotDirectory.removeSnapshotFiles(SnapshotDirectory.normalized(directory))
+            if wasRunning { try? resume() }
+            throw error
+        }
+    }
+}
