@@ -3,10 +3,13 @@
  * layer finishes (Docs/linux-boot.md): int3 (#BP, RIP past it), fwait (plain, and #NM with
  * CR0.TS|MP), lock cmpxchg16b (success, failure, unmapped → #PF with CR2, misaligned and
  * non-canonical → #GP(0)). On QEMU (TCG) the hardware semantics give the same lines.
+ * With cpus=2 the BSP and one AP then each add 1 to a 16-byte counter n=N times (default 500)
+ * with a lock cmpxchg16b loop: the completions must be atomic against each other.
  */
-#include "rt.h"
+#include "smp_boot.h"
 
 #define EXIT_EMUL 0x42
+#define LAPIC_SVR	0xfee000f0ul
 
 static volatile u64 bp_count, bp_rip, nm_count, pf_count, pf_cr2, pf_error, gp_count, gp_error;
 /* Where the #PF/#GP handlers resume: just past the faulting cmpxchg16b. */
@@ -61,10 +64,77 @@ static int cas16(u64 p, u64 *lo, u64 *hi, u64 new_lo, u64 new_hi)
 	return ok;
 }
 
+/* ---- cpus=2: two vCPUs contending on one 16-byte counter ---- */
+
+static volatile u64 counter[2] __attribute__((aligned(16)));
+static volatile u64 go, ap_online, ap_finished, retries[2];
+static u64 rounds = 500;
+u8 emul_ap_stack[4096] __attribute__((aligned(16)));
+
+/* counter = {count, 3 * count}: a torn or lost update breaks one of the two. */
+static void cas_loop(int cpu)
+{
+	for (u64 i = 0; i < rounds; i++) {
+		for (;;) {
+			u64 lo = counter[0], hi = counter[1], a = lo, d = hi;
+			u8 ok;
+			__asm__ volatile("lock cmpxchg16b (%[p])\n\tsetz %[ok]"
+					 : [ok] "=q"(ok), "+a"(a), "+d"(d)
+					 : [p] "r"(counter), "b"(lo + 1), "c"(hi + 3)
+					 : "memory", "cc");
+			if (ok)
+				break;
+			retries[cpu]++;
+		}
+	}
+}
+
+__asm__(".pushsection .text.emul_ap, \"ax\"\n"
+	".globl emul_ap\n"
+	"emul_ap:\n"
+	"	lea emul_ap_stack+4096(%rip), %rsp\n"
+	"	call emul_ap_main\n"
+	"	jmp halt_forever\n"
+	".popsection\n");
+extern const char emul_ap[];
+
+void __attribute__((used)) emul_ap_main(void)
+{
+	ap_online = 1;
+	while (!go)
+		__asm__ volatile("pause");
+	cas_loop(1);
+	ap_finished = 1;
+}
+
+static int smp_contention(void)
+{
+	mmio_write32(LAPIC_SVR, 0x1ff);
+	smp_start_aps(emul_ap);
+	u64 start = rdtsc();
+	while (!ap_online && rdtsc() - start < 5000000ul * TSC_PER_US)
+		__asm__ volatile("pause");
+	if (!ap_online) {
+		printf("error=the AP did not start\n");
+		return 0;
+	}
+	go = 1;
+	cas_loop(0);
+	start = rdtsc();
+	while (!ap_finished && rdtsc() - start < 30000000ul * TSC_PER_US)
+		__asm__ volatile("pause");
+	printf("smp_count=%lu\n", counter[0]);
+	printf("smp_consistent=%d\n", counter[1] == 3 * counter[0]);
+	printf("info smp_retries=%lu,%lu\n", retries[0], retries[1]);
+	return ap_finished && counter[0] == 2 * rounds && counter[1] == 3 * counter[0];
+}
+
 void guest_main(struct hvm_start_info *si)
 {
-	u64 bad = 0;
+	u64 bad = 0, cpus = 1;
 	uart_init();
+	cmdline_uint(pvh_cmdline(si), "cpus", &cpus);
+	cmdline_uint(pvh_cmdline(si), "n", &rounds);
 	/* bad=1: an instruction the layer does not complete (crc32): the VMM must stop the run. */
 	if (cmdline_uint(pvh_cmdline(si), "bad", &bad) && bad) {
 		printf("bad=crc32\n");
@@ -124,5 +194,7 @@ void guest_main(struct hvm_start_info *si)
 
 	int good = bp_count == 2 && nm_count == 1 && pf_count == 1 && gp_count == 2 &&
 		   pf_cr2 == 0x100000000UL && pair[0] == 0xaaaabbbbccccdddd;
+	if (cpus >= 2 && !smp_contention())
+		good = 0;
 	debug_exit(good ? EXIT_EMUL : EXIT_FAILURE);
 }

@@ -102,6 +102,8 @@ expect "$(qexit 0x42)" "bp=2" "bp_rip=after_int3+1" "fwait=ok" "nm=1" "cas_ok=1"
 	"cas_fail_loaded=0xaaaabbbbccccdddd,0xeeeeffff00001111" "cas_fail_mem=0xaaaabbbbccccdddd,0xeeeeffff00001111" \
 	"pf=1" "pf_cr2=0x100000000" "pf_error=0x2" "gp=2" "gp_error=0x0" \
 	"pair_after=0xaaaabbbbccccdddd,0xeeeeffff00001111,0x0"
+accel=tcg,thread=multi run 30 emul.elf -smp 2 -append "cpus=2 n=2000"
+expect "$(qexit 0x42)" "bp=2" "cas_ok=1" "smp_count=4000" "smp_consistent=1"
 
 run 60 piobench.elf -append "n=20000"
 expect 0 "n=20000" "cycles=[1-9]*" "cycles_per_exit=[1-9]*"

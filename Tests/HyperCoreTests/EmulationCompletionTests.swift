@@ -282,4 +282,22 @@ struct EmulationCompletionGuestTests {
         let guest = text.split(separator: "Booting from ROM..", omittingEmptySubsequences: false).last.map(String.init) ?? text
         #expect(guest.split(separator: "\n").map(String.init) == ours.console.split(separator: "\n").map(String.init))
     }
+
+    @Test("two vCPUs contending with lock cmpxchg16b: every completion is atomic (no lost or torn update)",
+          .timeLimit(.minutes(1)))
+    func contention() throws {
+        let configuration = try GuestRun.configuration("emul.elf", commandLine: "cpus=2 n=500", cpus: 2)
+        let console = configuration.console as! BufferOutput
+        let machine = try Machine(configuration)
+        let exit = try machine.run(timeout: .seconds(30))
+        let run = GuestRun(exit: exit, console: console.text)
+        #expect(run.exit == .debugExit(0x42), "\(run.console)")
+        #expect(run.values["smp_count"] == "1000")
+        #expect(run.values["smp_consistent"] == "1")
+        if PVMLinuxPolicy.hostIsPVM() {
+            // 2 single ones, 1000 successful increments, and every retry that lost the race.
+            let retries = (run.values["info smp_retries"] ?? "").split(separator: ",").compactMap { Int($0) }.reduce(0, +)
+            #expect(machine.emulationCompletions[.cmpxchg16b].completed == 1002 + retries)
+        }
+    }
 }
