@@ -300,4 +300,27 @@ struct EmulationCompletionGuestTests {
             #expect(machine.emulationCompletions[.cmpxchg16b].completed == 1002 + retries)
         }
     }
+
+    @Test("on a PVM host a Linux kernel gets clearcpuid= (said on stderr); --cpuid or an explicit clearcpuid= turns it off",
+          .timeLimit(.minutes(1)), .enabled(if: TestHost.hvrunPath != nil, "the hvrun binary is not built next to the tests"),
+          .enabled(if: PVMLinuxPolicy.hostIsPVM(), "not a PVM host"))
+    func clearCPUIDPolicy() throws {
+        // A boot sector with HdrS and nothing else: hvrun decides the command line, then refuses
+        // the file (status 1), so no kernel runs.
+        let directory = try TemporaryDirectory()
+        var bytes = [UInt8](repeating: 0, count: 0x400)
+        bytes[0x1FE] = 0x55; bytes[0x1FF] = 0xAA
+        bytes.replaceSubrange(0x202..<0x206, with: Array("HdrS".utf8))
+        let path = directory.file("bzImage")
+        let fd = open(path, O_WRONLY | O_CREAT | O_TRUNC, 0o644)
+        #expect(bytes.withUnsafeBytes { Glibc.write(fd, $0.baseAddress, $0.count) } == bytes.count)
+        close(fd)
+        let automatic = try TestHost.hvrun(["run", "--kernel", path], timeoutSeconds: 30)
+        #expect(automatic.status == 1)
+        #expect(automatic.stderr.contains("hvrun: PVM host: added clearcpuid=xsave,smap,popcnt"))
+        let overridden = try TestHost.hvrun(["run", "--kernel", path, "--cpuid=-x2apic"], timeoutSeconds: 30)
+        #expect(overridden.stderr.contains("--cpuid given, so no clearcpuid= is added"))
+        let explicit = try TestHost.hvrun(["run", "--kernel", path, "--cmdline", "console=ttyS0 clearcpuid=xsave"], timeoutSeconds: 30)
+        #expect(!explicit.stderr.contains("added clearcpuid="))
+    }
 }
