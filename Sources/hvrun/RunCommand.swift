@@ -64,7 +64,7 @@ struct RunCommand: ParsableCommand {
                                valueName: "pci|mmio"))
     var virtioTransport: TransportKind = .pci
 
-    @Flag(help: ArgumentHelp("Report on stderr the time from process start to the guest's first serial byte, the kernel's first line and the init's ready marker (write 123 to port 0x3F0 or MMIO 0xFEBFF000)."))
+    @Flag(help: ArgumentHelp("Report on stderr the time from process start to the guest's first serial byte, the kernel's first line and the init's ready marker (write 123 to port 0x3F0 or MMIO 0xFEBFF000), and the instructions completed for KVM's emulator."))
     var bootTime = false
 
     @Option(help: ArgumentHelp("CPUID features to hide (name or -name) or force (+name), comma-separated: x2apic, kvmclock, … or LEAF[.SUB]:REG:BIT. Write --cpuid=-name when the list starts with a minus.", valueName: "list"))
@@ -176,6 +176,7 @@ struct RunCommand: ParsableCommand {
         server?.close()
         opened.adoptDisks(of: machine)
         if restore == nil, let timer = machine.configuration.bootTimer { printError("hvrun: boot time\n" + timer.report()) }
+        if bootTime { printError("hvrun: instructions completed for KVM's emulator\n" + machine.emulationCompletions.report()) }
         return Self.status(for: exit, signal: stop.signal)
     }
 
@@ -201,6 +202,20 @@ struct RunCommand: ParsableCommand {
         return machine
     }
 
+    /// The command line for `kernel`: on a PVM host a Linux kernel gets `clearcpuid=` for the
+    /// features whose instructions KVM's emulator lacks (`PVMLinuxPolicy`), unless `--cpuid` was
+    /// given or the command line already has `clearcpuid=`. Test guests are left alone.
+    private func linuxCommandLine(for kernel: [UInt8]) -> String {
+        guard PVMLinuxPolicy.isLinuxKernel(kernel), PVMLinuxPolicy.hostIsPVM() else { return cmdline }
+        if cpuid != nil {
+            printError("hvrun: PVM host: --cpuid given, so no clearcpuid= is added to the kernel command line")
+            return cmdline
+        }
+        guard let extended = PVMLinuxPolicy.commandLine(cmdline) else { return cmdline }
+        printError("hvrun: PVM host: added clearcpuid=\(PVMLinuxPolicy.clearedFeatures.joined(separator: ",")) to the kernel command line (instructions KVM's emulator lacks; --cpuid or an explicit clearcpuid= turns this off)")
+        return extended
+    }
+
     /// A machine that boots a kernel (or the embedded guest), with its disks opened into `opened`.
     private func bootMachine(disks opened: RunDisks) throws -> Machine {
         let boot: MachineConfiguration.Boot
@@ -209,10 +224,11 @@ struct RunCommand: ParsableCommand {
             let initrdBytes = try initrd.map { path throws(BootError) in try ImageFile.read(path) }
             // A bzImage starts with a boot sector carrying "HdrS"; anything else must be a PVH ELF
             // (the ELF loader explains what is wrong with a file that is neither).
+            let commandLine = linuxCommandLine(for: kernelBytes)
             if BzImageHeader.looksLikeBzImage(kernelBytes) {
-                boot = .linux(kernel: kernelBytes, kernelName: kernel, initrd: initrdBytes, commandLine: cmdline)
+                boot = .linux(kernel: kernelBytes, kernelName: kernel, initrd: initrdBytes, commandLine: commandLine)
             } else {
-                boot = .pvh(kernel: kernelBytes, kernelName: kernel, initrd: initrdBytes, commandLine: cmdline)
+                boot = .pvh(kernel: kernelBytes, kernelName: kernel, initrd: initrdBytes, commandLine: commandLine)
             }
         } else {
             boot = .pvh(kernel: embeddedGuestELF, kernelName: "embedded guest", initrd: nil, commandLine: cmdline)

@@ -46,9 +46,10 @@ struct SMPTests {
 }
 
 /// Debian's cloud kernel booted as far as this host allows. On PVM-nested KVM the kernel runs in
-/// KVM's instruction emulator and stops at the first instruction it lacks (`lock cmpxchg16b` in
-/// SLUB, right after "Memory: …"), after printing its banner and our command line; hvrun must then
-/// stop with status 3 and the failure report. Where KVM runs Linux natively, the same runs end
+/// KVM's instruction emulator; the emulation-completion layer finishes `cmpxchg16b` and `int3`,
+/// and it stops at the first instruction neither runs (or is still going at the deadline), after
+/// printing its banner and our command line; hvrun then ends with status 3 and the failure report
+/// (or 124). Where KVM runs Linux natively, the same runs end
 /// in a reboot (no root file system, `panic=-1`).
 @Suite("Real Linux kernel", .serialized, .tags(.kvm),
        .enabled(if: TestHost.kvmUsable, TestHost.kvmSkipReason),
@@ -80,11 +81,18 @@ struct LinuxKernelTests {
         if LinuxGuest.hostRunsLinux {
             #expect(result.status == 0, "\(result.stderr)")
         } else {
-            #expect(result.status == 3, "stderr: \(result.stderr)")
-            #expect(result.stderr.contains("KVM internal error"))
-            #expect(result.stderr.contains("at rip=0xffffffff"))
-            #expect(result.stderr.contains("instruction bytes: "))
-            print("PVH boot stopped here as expected (\(LinuxGuest.hostReason)):\n\(result.stderr)")
+            // The emulation-completion layer carries the kernel past SLUB's cmpxchg16b and hvrun adds
+            // clearcpuid=; the run then either stops at a later instruction (status 3) or is still
+            // going at --timeout (status 124; Docs/linux-boot.md has a measured run).
+            #expect(result.status == 3 || result.status == 124, "stderr: \(result.stderr)")
+            #expect(result.stderr.contains("added clearcpuid="))
+            #expect(result.stdout.contains("SLUB: "), "the kernel went past its first cmpxchg16b")
+            if result.status == 3 {
+                #expect(result.stderr.contains("KVM internal error"))
+                #expect(result.stderr.contains("at rip=0xffffffff"))
+                #expect(result.stderr.contains("instruction bytes: "))
+            }
+            print("PVH boot ended here (\(LinuxGuest.hostReason)):\n\(result.stderr)")
         }
     }
 
@@ -117,8 +125,9 @@ struct LinuxKernelTests {
         let rip = try #require(failure.registers?.rip)
         #expect(rip >= 0xFFFF_FFFF_8000_0000, "the failure is in the kernel's high mapping")
         #expect(!failure.instructionBytes.isEmpty)
-        // KASLR: the decompressor chose where the kernel runs, so RIP differs run to run; the
-        // failing instruction is the same (lock cmpxchg16b on this host).
+        // KASLR: the decompressor chose where the kernel runs, so RIP differs run to run. Without
+        // hvrun's clearcpuid= the kernel gets past cmpxchg16b (completed) and stops at the next
+        // instruction KVM's emulator lacks (xsave's family on this host).
         print("bzImage boot stopped here: \(failure.summary) at rip=0x\(String(rip, radix: 16)); \(timer.report(originName: "machine creation"))")
     }
 

@@ -197,6 +197,39 @@ static inline void ckvm_fence_seq_cst(void) { __atomic_thread_fence(__ATOMIC_SEQ
 static inline void ckvm_fence_acquire(void) { __atomic_thread_fence(__ATOMIC_ACQUIRE); }
 static inline void ckvm_fence_release(void) { __atomic_thread_fence(__ATOMIC_RELEASE); }
 
+/// Atomically ORs `bits` into the 64-bit word at `p` (accessed/dirty bits of a guest page-table entry).
+static inline void ckvm_atomic_or_u64(void *_Nonnull p, uint64_t bits) {
+    __atomic_fetch_or((uint64_t *)p, bits, __ATOMIC_SEQ_CST);
+}
+
+// MARK: - 16-byte compare-and-swap (emulation completion of cmpxchg16b)
+
+/// `lock cmpxchg16b` on host memory `p` (16-byte aligned): if the 16 bytes equal
+/// `expected[0..1]` (low, high) they become `desired_lo`/`desired_hi` and 1 is returned; otherwise
+/// `expected` receives the current contents and 0 is returned. Atomic against every other CPU
+/// (and so against the guest's other vCPUs).
+static inline int ckvm_cmpxchg16b(void *_Nonnull p, uint64_t *_Nonnull expected, uint64_t desired_lo,
+                                  uint64_t desired_hi) {
+#if defined(__x86_64__)
+    uint64_t lo = expected[0], hi = expected[1];
+    unsigned char ok;
+    __asm__ volatile("lock cmpxchg16b %1\n\tsete %0"
+                     : "=q"(ok), "+m"(*(volatile unsigned __int128 *)p), "+a"(lo), "+d"(hi)
+                     : "b"(desired_lo), "c"(desired_hi)
+                     : "memory", "cc");
+    expected[0] = lo;
+    expected[1] = hi;
+    return ok;
+#else
+    unsigned __int128 want = ((unsigned __int128)expected[1] << 64) | expected[0];
+    unsigned __int128 desired = ((unsigned __int128)desired_hi << 64) | desired_lo;
+    int ok = __atomic_compare_exchange_n((unsigned __int128 *)p, &want, desired, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST);
+    expected[0] = (uint64_t)want;
+    expected[1] = (uint64_t)(want >> 64);
+    return ok;
+#endif
+}
+
 #ifdef __cplusplus
 }
 #endif

@@ -15,6 +15,8 @@ final class Lifecycle: @unchecked Sendable {
     private let stopFlag = Atomic<Bool>(false)
     private let pauseFlag = Atomic<Bool>(false)
     let exit = OneShot<MachineExit>()
+    /// What the emulation-completion layer did (``EmulationCompletion``).
+    let emulation = EmulationStatistics()
     /// pthread handles of vCPU threads that have not finished.
     private let running = Mutex<[UInt32: UInt]>([:])
     /// The vCPUs, once their threads created them (for state capture while parked).
@@ -234,8 +236,12 @@ enum VCPURunLoop {
                 lifecycle.finish(.guestFailure(failure(.entryFailure(reason: reason), vcpu)))
             case KVM_EXIT_INTERNAL_ERROR:
                 let suberror = run.pointee.internal.suberror
-                lifecycle.finish(.guestFailure(failure(.internalError(suberror: suberror), vcpu,
-                                                       instruction: emulationFailureBytes(run))))
+                let bytes = emulationFailureBytes(run)
+                // An instruction KVM's emulator lacks (PVM hosts): finish it here when the
+                // completion layer knows it, else end the run as before.
+                if suberror == UInt32(KVM_INTERNAL_ERROR_EMULATION),
+                   EmulationCompletion.complete(vcpu, run, context, bytes: bytes) { continue }
+                lifecycle.finish(.guestFailure(failure(.internalError(suberror: suberror), vcpu, instruction: bytes)))
             default:
                 lifecycle.finish(.guestFailure(failure(.unknownExit(reason: run.pointee.exit_reason), vcpu)))
             }
