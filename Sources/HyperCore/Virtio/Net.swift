@@ -290,12 +290,11 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
     func place(_ queue: Virtqueue) throws(VirtqueueError) -> Placement {
         let needed = pendingLength
         let mergeable = negotiated & Self.featureMergeableRx != 0
-        while true {
-            var taken = 0
-            var room: UInt64 = 0
-            while room < UInt64(needed) {
-                if taken == chains.count { chains.append(DescriptorChain()) }
-                guard try queue.pop(into: &chains[taken]) else { break }
+        var taken = 0
+        var room: UInt64 = 0
+        while room < UInt64(needed) {
+            if taken == chains.count { chains.append(DescriptorChain()) }
+            if try queue.pop(into: &chains[taken]) {
                 room += chains[taken].writableBytes
                 taken += 1
                 if !mergeable, room < UInt64(needed) {
@@ -304,17 +303,20 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
                     queue.unpop(taken)
                     return .dropped
                 }
+                continue
             }
-            if room >= UInt64(needed) {
-                copy(needed, buffers: taken, into: queue)
-                return .placed
-            }
-            queue.unpop(taken)
             // Every buffer the ring can hold would not be enough: the frame can never be placed.
-            if taken >= Int(queue.size) { return .dropped }
-            // Wait for more buffers; re-check after asking for the notify.
-            if !queue.rearm() { return .waiting }
+            if taken >= Int(queue.size) {
+                queue.unpop(taken)
+                return .dropped
+            }
+            // Ask for a notify at the next buffer (avail_event past the ones taken), then re-check.
+            if queue.rearm() { continue }
+            queue.unpop(taken)
+            return .waiting
         }
+        copy(needed, buffers: taken, into: queue)
+        return .placed
     }
 
     private func copy(_ length: Int, buffers: Int, into queue: Virtqueue) {
