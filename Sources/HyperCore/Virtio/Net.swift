@@ -187,7 +187,7 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
     // MARK: Transmit
 
     /// Sends one guest frame; returns 0 (nothing is written into a transmit chain).
-    func transmit(_ chain: DescriptorChain) -> UInt32 {
+    public func transmit(_ chain: DescriptorChain) -> UInt32 {
         let length = chain.readableBytes
         guard length >= UInt64(Self.headerSize) + 14, length <= UInt64(Self.maximumFrame) else {
             statistics.transmitDropped += 1
@@ -284,6 +284,16 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
     }
 
     enum Placement { case placed, dropped, waiting }
+
+    /// Places `frame` (header included) in `queue`'s buffers as if it had been read from the
+    /// backend; a frame that would have to wait for buffers is dropped. For fuzzing and tests.
+    public func placeFrame(_ frame: UnsafeRawBufferPointer, in queue: Virtqueue) throws(VirtqueueError) -> Bool {
+        guard frame.count >= Self.headerSize, frame.count <= Self.maximumFrame, pendingLength == 0 else { return false }
+        receiveBuffer.copyMemory(from: frame)
+        pendingLength = frame.count
+        defer { pendingLength = 0 }
+        return try place(queue) == .placed
+    }
 
     /// Puts the pending frame into receive buffers: exactly as many as it needs with MRG_RXBUF,
     /// else one that holds all of it.
