@@ -81,8 +81,9 @@ struct NetworkIntegrationTests {
     func pingBothWays(_ transport: String) throws {
         if let reason = TestNetwork.unavailableReason { print(reason); return }
         let network = try TestNetwork()
-        let guest = try VMProcess(try Self.guestArguments(network, transport: transport, extra: "count=3 answer=3"), prefix: network.prefix)
+        let guest = try VMProcess(try Self.guestArguments(network, transport: transport, extra: "count=3 udp=20 answer=3"), prefix: network.prefix)
         #expect(guest.waitForLine("pings_ok=3", timeoutSeconds: 60), "\(guest.output)\(guest.errors)")
+        #expect(guest.waitForLine("udp_sent=20", timeoutSeconds: 30), "\(guest.output)\(guest.errors)")
         #expect(guest.outputLines.contains("link=up") && guest.outputLines.contains("mac=52:54:0:12:34:56"))
         for seq in 1...3 { #expect(guest.outputLines.contains("reply seq=\(seq)")) }
         if TestHost.hasTool("ping") {

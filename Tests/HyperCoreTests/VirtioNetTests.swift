@@ -309,6 +309,17 @@ struct VirtioNetTests {
         }
     }
 
+    @Test("hvrun --nic: malformed values are refused by name before anything is opened",
+          .enabled(if: TestHost.hvrunPath != nil, "hvrun is not built"),
+          arguments: [("bogus", "unknown --nic backend 'bogus'"), ("tap=", "needs an interface name"),
+                      ("tap=abcdefghijklmnop", "needs an interface name"), ("none,mac=01:00:5e:00:00:01", "invalid MAC address"),
+                      ("none,speed=10", "unknown NIC option 'speed=10'"), ("", "needs a backend first")])
+    func nicOptionErrors(_ value: String, _ message: String) throws {
+        let result = try TestHost.hvrun(["run", "--nic", value, "--timeout", "5"], timeoutSeconds: 20)
+        #expect(result.status != 0)
+        #expect(result.stderr.contains(message), "\(result.stderr)")
+    }
+
     @Test("adopting a descriptor that is not a TAP is refused with a clear error")
     func adoptNonTap() throws {
         var pair: [Int32] = [0, 0]
