@@ -261,6 +261,9 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
                     if errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR { return true }
                     return false
                 }
+                // End of file (a descriptor whose other end closed; a TAP never does this): stop
+                // watching, or a level-triggered watch would spin.
+                if count == 0 { return false }
                 guard count >= Self.headerSize else {
                     if count > 0 { statistics.receiveDropped += 1 }
                     continue
