@@ -328,3 +328,79 @@ struct VirtioNetTests {
         #expect(throws: NetworkError.self) { try TapDevice(adopting: pair[0]) }
     }
 }
+
+/// The TAP backend on real TAPs, opened on a thread of its own inside a network namespace of its
+/// own (`unshare(CLONE_NEWNET)` affects only the calling thread): the TAPs vanish with their
+/// descriptors and the namespace with the thread; nothing is sent.
+@Suite("TAP backend", .serialized)
+struct TapDeviceTests {
+    /// Runs `body` on a new thread in a new, empty network namespace; returns what it reports.
+    static func inPrivateNamespace(_ body: @escaping @Sendable () -> String) -> String {
+        final class Box: @unchecked Sendable { var body: (@Sendable () -> String)?; var result = "" }
+        let box = Box()
+        box.body = body
+        var thread = pthread_t()
+        let retained = Unmanaged.passRetained(box).toOpaque()
+        let created = pthread_create(&thread, nil, { argument in
+            let box = Unmanaged<Box>.fromOpaque(argument!).takeRetainedValue()
+            // unshare(2) is not in Swift's Glibc module (it needs _GNU_SOURCE): look it up.
+            typealias Unshare = @convention(c) (Int32) -> Int32
+            guard let symbol = dlsym(UnsafeMutableRawPointer(bitPattern: 0), "unshare") else {
+                box.result = "no unshare in libc"
+                return nil
+            }
+            if unsafeBitCast(symbol, to: Unshare.self)(0x4000_0000 /* CLONE_NEWNET */) != 0 {
+                box.result = "unshare failed: errno \(errno)"
+            } else {
+                box.result = box.body!()
+            }
+            return nil
+        }, retained)
+        guard created == 0 else { return "pthread_create failed" }
+        pthread_join(thread, nil)
+        return box.result
+    }
+
+    @Test("open by name and by kernel choice, adopt a helper's descriptor, refuse bad names",
+          .enabled(if: getuid() == 0 && access("/dev/net/tun", R_OK | W_OK) == 0, "needs root and /dev/net/tun (skipped)"))
+    func realTaps() {
+        let report = Self.inPrivateNamespace {
+            var problems: [String] = []
+            func link(_ path: String) -> String {
+                var buffer = [CChar](repeating: 0, count: 256)
+                let count = readlink(path, &buffer, 255)
+                return count > 0 ? String(decoding: buffer[0..<count].map { UInt8(bitPattern: $0) }, as: UTF8.self) : "?"
+            }
+            guard link("/proc/thread-self/ns/net") != link("/proc/1/ns/net"), link("/proc/thread-self/ns/net") != "?" else {
+                return "the thread is not in a namespace of its own: nothing opened"
+            }
+            do {
+                let named = try TapDevice(name: "hctest0")
+                if named.name != "hctest0" { problems.append("name \(named.name)") }
+                let chosen = try TapDevice(name: "")
+                if !chosen.name.hasPrefix("tap") { problems.append("kernel-chosen name \(chosen.name)") }
+                // A helper would pass this over a Unix socket; a dup is the same open file.
+                let adopted = try TapDevice(adopting: dup(named.fileDescriptor))
+                if adopted.name != "hctest0" { problems.append("adopted name \(adopted.name)") }
+                let flags = fcntl(adopted.fileDescriptor, F_GETFL)
+                if flags & O_NONBLOCK == 0 { problems.append("adopted descriptor is blocking") }
+                if named.setOffload(UInt32(1 | 2)) != 0 { problems.append("TUNSETOFFLOAD failed") }
+                // Nothing is queued on a fresh TAP: a read would block.
+                var byte: UInt8 = 0
+                if read(named.fileDescriptor, &byte, 1) >= 0 || errno != EAGAIN { problems.append("read did not say EAGAIN") }
+            } catch {
+                problems.append("\(error)")
+            }
+            do {
+                _ = try TapDevice(name: "a-name-longer-than-15")
+                problems.append("a 21-character name was accepted")
+            } catch let error as NetworkError {
+                if case let .tapOpen(_, code) = error, code != ENAMETOOLONG { problems.append("long name: \(error)") }
+            } catch {
+                problems.append("\(error)")
+            }
+            return problems.joined(separator: "; ")
+        }
+        #expect(report.isEmpty, "\(report)")
+    }
+}
