@@ -23,7 +23,7 @@ struct VirtioNetTests {
         var nextData: UInt64 = 0x20000
         var availIndex: [UInt16] = [0, 0]
 
-        init(features: UInt64, connected: Bool = true, queueSize: UInt16 = 16) throws {
+        init(features: UInt64, connected: Bool = true, queueSize: UInt16 = 16, eventIndex: Bool = false) throws {
             memory = try GuestMemory(size: 1 << 20)
             var pair: [Int32] = [0, 0]
             guard socketpair(AF_UNIX, Int32(SOCK_SEQPACKET.rawValue) | Int32(SOCK_NONBLOCK.rawValue), 0, &pair) == 0 else {
@@ -44,7 +44,7 @@ struct VirtioNetTests {
                 queue.availableRingAddress = 0x2000 + UInt64(q) * 0x4000
                 queue.usedRingAddress = 0x3000 + UInt64(q) * 0x4000
                 queue.enabled = true
-                try queue.activate(eventIndex: false, indirect: false)
+                try queue.activate(eventIndex: eventIndex, indirect: false)
                 queues.append(queue)
             }
             self.queues = queues
@@ -96,6 +96,10 @@ struct VirtioNetTests {
             (0..<count).flatMap { _ in post(VirtioNet.receiveQueue, lengths: [length], writable: true) }
         }
 
+        /// The device's `avail_event` (EVENT_IDX): the driver notifies when it publishes past it.
+        func availEvent(_ queue: Int) -> UInt16 {
+            pointer(0x3000 + UInt64(queue) * 0x4000 + 4 + 8 * UInt64(queues[queue].size), 2).load(as: UInt16.self)
+        }
         func usedIndex(_ queue: Int) -> UInt16 { pointer(0x3000 + UInt64(queue) * 0x4000 + 2, 2).load(as: UInt16.self) }
         func used(_ queue: Int, _ i: Int) -> (id: UInt32, length: UInt32) {
             let element = pointer(0x3000 + UInt64(queue) * 0x4000 + 4 + 8 * UInt64(i), 8)
@@ -194,6 +198,24 @@ struct VirtioNetTests {
         #expect(rig.usedIndex(0) == 3)
         #expect(rig.bytes(first[0] + 10, 2) == [2, 0])
         #expect(rig.used(0, 2).length == 72)
+    }
+
+    @Test("EVENT_IDX: a frame waiting for buffers asks for a notify at the next buffer, not at ones already seen")
+    func waitingArmsAvailEvent() throws {
+        let rig = try Rig(features: VirtioNet.featureMergeableRx, eventIndex: true)
+        rig.hostSend(Self.frame(60))
+        #expect(try rig.net.inputReady(rig.context) == false)
+        #expect(rig.availEvent(0) == 0)
+        _ = rig.postReceive(count: 2, length: 256)
+        rig.hostSend(Self.frame(1000))  // the first frame fits; this one needs 4 buffers of 256
+        try rig.net.queueNotified(VirtioNet.receiveQueue, rig.context)
+        #expect(rig.usedIndex(0) == 1)
+        // One buffer left, put back; the driver has published 2, so it must notify at its 3rd.
+        #expect(rig.availEvent(0) == 2, "avail_event \(rig.availEvent(0))")
+        _ = rig.postReceive(count: 3, length: 256)
+        try rig.net.queueNotified(VirtioNet.receiveQueue, rig.context)
+        #expect(rig.usedIndex(0) == 5)
+        #expect(rig.used(0, 1).length == 256 && rig.used(0, 4).length == 1012 - 3 * 256)
     }
 
     @Test("a frame larger than the whole ring's buffers is dropped and counted; the ring keeps working")
