@@ -53,6 +53,12 @@ struct RunCommand: ParsableCommand {
             completion: .file(), transform: DiskOption.parse)
     var disks: [DiskOption] = []
 
+    @Option(name: .customLong("nic"),
+            help: ArgumentHelp("A virtio-net NIC: `tap=NAME` (a host TAP interface, created if missing; needs CAP_NET_ADMIN) or `none` (link down), then `,mac=MAC` (default: random, locally administered). Repeatable.",
+                               valueName: "tap=NAME|none[,mac=MAC]"),
+            transform: NICOption.parse)
+    var nics: [NICOption] = []
+
     @Option(help: ArgumentHelp("Where the guest console is: `serial` (COM1, ttyS0) or `virtio` (virtio-console port 0, hvc0; COM1 stays too).",
                                valueName: "serial|virtio"))
     var console: ConsoleKind = .serial
@@ -101,7 +107,7 @@ struct RunCommand: ParsableCommand {
         if let timeout, !(timeout > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
         if initrd != nil, kernel == nil { throw ValidationError("--initrd needs --kernel") }
         if restore != nil {
-            for (given, name) in [(kernel != nil, "--kernel"), (initrd != nil, "--initrd"), (rng, "--rng"), (cpuid != nil, "--cpuid")] where given {
+            for (given, name) in [(kernel != nil, "--kernel"), (initrd != nil, "--initrd"), (rng, "--rng"), (!nics.isEmpty, "--nic"), (cpuid != nil, "--cpuid")] where given {
                 throw ValidationError("\(name) cannot be used with --restore: the snapshot holds the guest and its devices")
             }
         } else if paused {
@@ -251,6 +257,7 @@ struct RunCommand: ParsableCommand {
             configuration.virtioDevices.append(.init(.console(output: configuration.console, input: 0), transport: transport))
         }
         if rng { configuration.virtioDevices.append(.init(.entropy, transport: transport)) }
+        for nic in nics { configuration.virtioDevices.append(.init(try nic.deviceKind(), transport: transport)) }
         return try Machine(configuration)
     }
 

@@ -17,7 +17,7 @@ run() {
 	local limit=$1 guest=$2
 	shift 2
 	current=$guest
-	timeout "$limit" qemu-system-x86_64 -M "${machine:-q35}" -accel "${accel:-kvm}" -m 128 -nodefaults \
+	${prefix:-} timeout "$limit" qemu-system-x86_64 -M "${machine:-q35}" -accel "${accel:-kvm}" -m 128 -nodefaults \
 		-nographic -no-reboot -display none -monitor none -serial stdio \
 		-device isa-debug-exit,iobase=0x501,iosize=2 \
 		-kernel "$out/$guest" "$@" >"$tmp/out" 2>"$tmp/err" </dev/null
@@ -158,6 +158,27 @@ expect_steps 12
 con_steps "$tmp/hvc0" 12
 run 30 stateful.elf -append "steps=4 touch=32"
 expect "$(qexit 0x41)" "touch=32" "pages_ok=4" "touched_ok=8192" "result=0x*"
+
+# virtio-net on a TAP, inside a network namespace this script creates (bridge 10.211.0.1/24 + TAP)
+# and deletes: no packet leaves it. Needs root, /dev/net/tun and ip; skipped otherwise.
+if [ "$(id -u)" = 0 ] && [ -w /dev/net/tun ] && command -v ip >/dev/null; then
+	ns=hcnet-qemu-$$
+	trap 'ip netns del "$ns" 2>/dev/null; rm -rf "$tmp"' EXIT
+	ip netns add "$ns" && ip -n "$ns" link set lo up && ip -n "$ns" link add hcbr0 type bridge &&
+		ip -n "$ns" addr add 10.211.0.1/24 dev hcbr0 && ip -n "$ns" link set hcbr0 up &&
+		ip -n "$ns" tuntap add dev hctap0 mode tap vnet_hdr && ip -n "$ns" link set hctap0 master hcbr0 &&
+		ip -n "$ns" link set hctap0 up || fail "cannot set up the test network namespace"
+	tap="-netdev tap,id=n0,ifname=hctap0,script=no,downscript=no,vhost=off"
+	prefix="ip netns exec $ns" run 60 net.elf -append "ip=10.211.0.2 peer=10.211.0.1 count=3" $tap \
+		-device virtio-net-pci,netdev=n0,disable-legacy=on,mac=52:54:00:12:34:56
+	expect "$(qexit 0x42)" "mac=52:54:0:12:34:56" "mtu=1500" "link=up" "reply seq=1" "reply seq=2" "reply seq=3" "pings_ok=3"
+	machine=microvm,acpi=off prefix="ip netns exec $ns" run 60 net.elf -global virtio-mmio.force-legacy=false \
+		-append "ip=10.211.0.2 peer=10.211.0.1 count=3 mmio=1" $tap -device virtio-net-device,netdev=n0,mac=52:54:00:12:34:56
+	expect "$(qexit 0x42)" "link=up" "pings_ok=3"
+	ip -n "$ns" link del hctap0; ip netns del "$ns"
+else
+	echo "skipped net.elf: needs root, /dev/net/tun and ip (it creates a network namespace)"
+fi
 
 if [ "$failures" -ne 0 ]; then
 	echo "$failures check(s) failed"

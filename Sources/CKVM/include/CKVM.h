@@ -181,6 +181,25 @@ int ckvm_epoll_wait(int epoll_fd, uint64_t *_Nonnull tokens, int capacity, int t
 /// Fills `buffer` from the kernel's CSPRNG (getrandom). Returns bytes written or -errno.
 long ckvm_getrandom(void *_Nonnull buffer, size_t length);
 
+// MARK: - TAP devices (virtio-net backend; tap.c)
+
+/// TUNSETOFFLOAD flags (linux/if_tun.h).
+enum : unsigned {
+    CKVM_TUN_F_CSUM = 0x01,
+    CKVM_TUN_F_TSO4 = 0x02,
+    CKVM_TUN_F_TSO6 = 0x04,
+};
+/// Opens /dev/net/tun as a TAP interface named `name` (empty: the kernel picks tapN) with
+/// IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, a 12-byte vnet header (TUNSETVNETHDRSZ), non-blocking and
+/// close-on-exec. The interface's name is written to `actual_name` (16 bytes). Returns the fd or -errno.
+int ckvm_tap_open(const char *_Nonnull name, char *_Nonnull actual_name);
+/// Prepares an already-open TAP fd (from a privileged helper): checks it is a TAP with a vnet
+/// header (TUNGETIFF), sets the 12-byte header, non-blocking and close-on-exec; writes its name.
+/// Returns 0 or -errno (-EINVAL when it is not a TAP with IFF_VNET_HDR).
+int ckvm_tap_adopt(int fd, char *_Nonnull actual_name);
+/// TUNSETOFFLOAD. Returns 0 or -errno.
+int ckvm_tap_set_offload(int fd, unsigned flags);
+
 // MARK: - Shared-memory access for virtqueues
 //
 // The guest writes rings concurrently with the device. Index loads need acquire semantics (what

@@ -66,6 +66,9 @@ public struct RestoreOptions: Sendable {
     /// New paths for the snapshot's disks, in the snapshot's disk order (nil: keep). Each must
     /// still be the same disk (see ``DiskIdentity``).
     public var diskPaths: [String?] = []
+    /// Backends for the snapshot's NICs, in order (nil: reopen the saved TAP by name, or stay
+    /// disconnected when it was).
+    public var networkBackends: [NetworkBackend?] = []
     /// Read all of guest RAM now instead of mapping the memory file copy-on-write.
     public var eagerMemory = false
     /// Refuse the snapshot unless it has this many vCPUs / this much RAM (what a user asked for).
@@ -224,6 +227,10 @@ extension Machine {
                 virtioDevices.append(SnapshotVirtioDevice(kind: .console, transport: transport, disk: nil))
             case .entropy:
                 virtioDevices.append(SnapshotVirtioDevice(kind: .entropy, transport: transport, disk: nil))
+            case let .network(backend, mac):
+                let tap: String? = if case let .tap(device) = backend { device.name } else { nil }
+                virtioDevices.append(SnapshotVirtioDevice(kind: .network, transport: transport, disk: nil,
+                                                          nic: SnapshotNIC(mac: mac, tap: tap)))
             }
         }
         let (boot, commandLine): (String, String) = if let saved = restorePlan?.snapshot.configuration {
@@ -329,6 +336,7 @@ extension Machine {
         configuration.mmioDevices = options.mmioDevices
         configuration.kvmPath = options.kvmPath
         var diskIndex = 0
+        var nicIndex = 0
         for device in saved.virtio {
             let transport: VirtioDeviceConfiguration.Transport = device.transport == .pci ? .pci : .mmio
             switch device.kind {
@@ -345,6 +353,20 @@ extension Machine {
                                                                   input: options.virtioConsoleInput), transport: transport))
             case .entropy:
                 configuration.virtioDevices.append(.init(.entropy, transport: transport))
+            case .network:
+                guard let nic = device.nic else { throw .corrupt(path: directory, detail: "a network device without its NIC") }
+                let backend: NetworkBackend
+                if nicIndex < options.networkBackends.count, let given = options.networkBackends[nicIndex] {
+                    backend = given
+                } else if let name = nic.tap {
+                    do throws(NetworkError) { backend = .tap(try TapDevice(name: name)) } catch {
+                        throw .machine("\(error)")
+                    }
+                } else {
+                    backend = .disconnected
+                }
+                nicIndex += 1
+                configuration.virtioDevices.append(.init(.network(backend, mac: nic.mac), transport: transport))
             }
         }
         do throws(MachineError) {

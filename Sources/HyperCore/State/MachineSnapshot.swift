@@ -35,11 +35,21 @@ public struct SnapshotConfiguration: Codable, Sendable, Equatable {
 }
 
 public struct SnapshotVirtioDevice: Codable, Sendable, Equatable {
-    public enum Kind: String, Codable, Sendable { case block, console, entropy }
+    public enum Kind: String, Codable, Sendable { case block, console, entropy, network }
     public enum Transport: String, Codable, Sendable { case pci, mmio }
     public var kind: Kind
     public var transport: Transport
     public var disk: SnapshotDisk?
+    /// For a network device: its MAC and what it was connected to.
+    public var nic: SnapshotNIC? = nil
+}
+
+/// A NIC as the snapshot knows it. A restored machine reopens the same TAP by name (or gets the
+/// backend ``RestoreOptions/networkBackends`` gives).
+public struct SnapshotNIC: Codable, Sendable, Equatable {
+    public var mac: MACAddress
+    /// The TAP interface's name; nil: not connected.
+    public var tap: String?
 }
 
 /// A disk as the snapshot knows it: where it was and how to tell it has not changed since.

@@ -2,8 +2,9 @@
 internal import Glibc
 #endif
 
-/// An Ethernet MAC address, written `52:54:00:12:34:56`.
-public struct MACAddress: Sendable, Hashable, CustomStringConvertible {
+/// An Ethernet MAC address, written `52:54:00:12:34:56` (the store's `vm.json`, `--nic mac=`,
+/// virtio-net's configuration).
+public struct MACAddress: Sendable, Hashable, Codable, CustomStringConvertible {
     public let bytes: [UInt8]
 
     public init?(_ text: String) {
@@ -17,9 +18,39 @@ public struct MACAddress: Sendable, Hashable, CustomStringConvertible {
         self.bytes = bytes
     }
 
-    public init(bytes: [UInt8]) {
-        precondition(bytes.count == 6)
+    public init?(bytes: [UInt8]) {
+        guard bytes.count == 6 else { return nil }
         self.bytes = bytes
+    }
+
+    /// Parses `52:54:00:12:34:56` (or with `-`); refuses multicast addresses (bit 0 of the first byte).
+    public init(parsing text: String) throws(NetworkError) {
+        let parts = text.split(separator: ":", omittingEmptySubsequences: false).count == 6
+            ? text.split(separator: ":", omittingEmptySubsequences: false)
+            : text.split(separator: "-", omittingEmptySubsequences: false)
+        guard parts.count == 6 else { throw .invalidMAC(text) }
+        var bytes: [UInt8] = []
+        for part in parts {
+            guard part.count == 2, let value = UInt8(part, radix: 16) else { throw .invalidMAC(text) }
+            bytes.append(value)
+        }
+        guard bytes[0] & 1 == 0 else { throw .invalidMAC(text) }
+        self.bytes = bytes
+    }
+
+    /// A random locally administered unicast address.
+    public static func random() -> MACAddress { generate(avoiding: []) }
+
+    public init(from decoder: any Decoder) throws {
+        let text = try decoder.singleValueContainer().decode(String.self)
+        do { self = try MACAddress(parsing: text) } catch {
+            throw DecodingError.dataCorrupted(.init(codingPath: decoder.codingPath, debugDescription: error.description))
+        }
+    }
+
+    public func encode(to encoder: any Encoder) throws {
+        var container = encoder.singleValueContainer()
+        try container.encode(description)
     }
 
     /// Bit 0 of the first byte: a group (multicast) address, which a NIC cannot have.
@@ -37,7 +68,7 @@ public struct MACAddress: Sendable, Hashable, CustomStringConvertible {
         while true {
             var bytes = randomBytes(6)
             bytes[0] = (bytes[0] & 0xFC) | 0x02
-            let address = MACAddress(bytes: bytes)
+            let address = MACAddress(bytes: bytes)!
             if !taken.contains(address) { return address }
         }
     }

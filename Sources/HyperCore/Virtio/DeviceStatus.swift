@@ -26,6 +26,7 @@ public enum VirtioFeature {
 
 /// virtio device IDs (virtio 1.2 §5). PCI device ID = 0x1040 + type.
 public enum VirtioDeviceType {
+    public static let network: UInt16 = 1
     public static let block: UInt16 = 2
     public static let console: UInt16 = 3
     public static let entropy: UInt16 = 4

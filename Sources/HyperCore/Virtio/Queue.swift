@@ -256,6 +256,14 @@ public final class Virtqueue: @unchecked Sendable {
         return true
     }
 
+    /// Puts the last `count` popped chains back: the next ``pop(into:)`` takes them again (walked
+    /// and checked afresh). For a receive queue that popped buffers for a frame they turned out too
+    /// small for; nothing may have been pushed to the used ring since those pops.
+    public func unpop(_ count: Int) {
+        guard isActive, count > 0, count <= Int(size) else { return }
+        lastAvailableIndex &-= UInt16(count)
+    }
+
     /// Follows a chain from `head`, checking every step (see the type's documentation).
     private func walk(head: UInt16, table directTable: UnsafeMutableRawPointer, into chain: inout DescriptorChain) throws(VirtqueueError) {
         chain.clear(head: head)

@@ -5,6 +5,8 @@ public struct VirtioDeviceConfiguration: Sendable {
         /// Port 0 = hvc0; `input` is a host descriptor read for guest input (nil: none).
         case console(output: any ConsoleOutput, input: Int32?)
         case entropy
+        /// virtio-net with this MAC on a TAP, or not connected (link down).
+        case network(NetworkBackend, mac: MACAddress)
     }
 
     public enum Transport: Sendable { case pci, mmio }
@@ -22,6 +24,7 @@ public struct VirtioDeviceConfiguration: Sendable {
         case let .block(backend, identifier): VirtioBlock(backend: backend, identifier: identifier)
         case let .console(output, input): VirtioConsole(output: output, input: input)
         case .entropy: VirtioEntropy()
+        case let .network(backend, mac): VirtioNet(backend: backend, mac: mac)
         }
     }
 }

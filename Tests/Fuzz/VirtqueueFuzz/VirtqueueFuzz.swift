@@ -12,6 +12,9 @@
 // (descriptor table at 0, avail ring at 0x400, used ring at 0x800, anything else is buffers and
 // indirect tables). The rest of the 1 MiB guest is zero. The layout is compact so short inputs
 // (libFuzzer's default max_len is 4096) reach every part.
+// Flags bit 2 selects virtio-net instead of virtio-blk: first a frame of 12 + (flags >> 3) × 2100
+// bytes is placed in the ring as received (receive placement, MRG_RXBUF off), then the popped
+// chains are sent as transmit chains (copy-out and header checks; the NIC is not connected).
 import HyperCore
 
 final class FuzzDisk: BlockBackend, @unchecked Sendable {
@@ -41,6 +44,8 @@ let memory = try! GuestMemory(size: 1 << 20)
 let disk = FuzzDisk()
 let block = VirtioBlock(backend: disk, queueSize: 64)
 nonisolated(unsafe) var chain = DescriptorChain()
+let net = VirtioNet(backend: .disconnected, mac: MACAddress(bytes: [2, 0, 0, 0, 0, 1])!)
+let frame = [UInt8](repeating: 0xA5, count: VirtioNet.maximumFrame)
 
 func runOne(_ data: UnsafeRawBufferPointer) {
     guard data.count >= 3 else { return }
@@ -61,6 +66,16 @@ func runOne(_ data: UnsafeRawBufferPointer) {
     queue.enabled = true
     do {
         try queue.activate(eventIndex: flags & 2 != 0, indirect: flags & 1 != 0)
+        let network = flags & 4 != 0
+        if network {
+            let length = 12 + Int(flags >> 3) * 2100
+            let usedBefore = queue.usedIndex
+            _ = try frame.withUnsafeBytes { bytes throws(VirtqueueError) in
+                try net.placeFrame(UnsafeRawBufferPointer(rebasing: bytes[0..<length]), in: queue)
+            }
+            // Without MRG_RXBUF a frame takes one buffer or none.
+            precondition(queue.usedIndex &- usedBefore <= 1)
+        }
         for _ in 0..<pops {
             guard try queue.pop(into: &chain) else { break }
             // Invariant: every segment lies inside guest RAM, exactly where its address says.
@@ -70,7 +85,7 @@ func runOne(_ data: UnsafeRawBufferPointer) {
                 precondition(UInt64(start - region.hostAddress) == segment.address - region.guestAddress)
             }
             precondition(chain.segments.count <= Int(size))
-            let written = block.handle(chain)
+            let written = network ? net.transmit(chain) : block.handle(chain)
             precondition(UInt64(written) <= chain.writableBytes || chain.writableBytes == 0)
             queue.pushUsed(head: chain.head, length: written)
         }

@@ -231,3 +231,106 @@ int virtio_find_mmio(struct vdev *d, const char *cmdline, u32 type)
 	}
 	return 0;
 }
+
+u8 virtio_cfg8(struct vdev *d, u32 off)
+{
+	return d->mmio ? mmio_read8(d->mmio_base + 0x100 + off) : mmio_read8(d->devcfg + off);
+}
+
+u16 virtio_cfg16(struct vdev *d, u32 off)
+{
+	return d->mmio ? mmio_read16(d->mmio_base + 0x100 + off) : mmio_read16(d->devcfg + off);
+}
+
+/* ---- virtio-net ---- */
+
+static void vnet_post_rx(struct vnet *n, u16 id)
+{
+	n->rx.desc[id].addr = (u64)n->rxbuf[id];
+	n->rx.desc[id].len = VNET_BUF;
+	n->rx.desc[id].flags = DESC_WRITE;
+	virtio_publish(&n->rx, id);
+}
+
+void vnet_init(struct vnet *n, struct vdev *d, u64 wanted, struct vring rings[2],
+	       u8 (*rxbuf)[VNET_BUF], u8 (*txbuf)[VNET_BUF])
+{
+	n->dev = d;
+	n->rxbuf = rxbuf;
+	n->txbuf = txbuf;
+	n->features = virtio_negotiate(d, wanted & (VIRTIO_NET_F_MAC | VIRTIO_NET_F_STATUS |
+						    VIRTIO_NET_F_MTU | VIRTIO_NET_F_MRG_RXBUF));
+	for (int i = 0; i < 6; i++)
+		n->mac[i] = (n->features & VIRTIO_NET_F_MAC) ? virtio_cfg8(d, i) : (u8)(i == 0 ? 2 : i);
+	n->status = (n->features & VIRTIO_NET_F_STATUS) ? virtio_cfg16(d, 6) : VIRTIO_NET_S_LINK_UP;
+	n->mtu = (n->features & VIRTIO_NET_F_MTU) ? virtio_cfg16(d, 10) : 1500;
+	virtio_queue_setup(d, &n->rx, 0, virtio_queue_max(d, 0), &rings[0], -1);
+	virtio_queue_setup(d, &n->tx, 1, virtio_queue_max(d, 1), &rings[1], -1);
+	n->tx_free = n->tx.size;
+	for (u16 i = 0; i < n->rx.size; i++)
+		vnet_post_rx(n, i);
+	virtio_driver_ok(d);
+	virtio_kick(&n->rx);
+}
+
+int vnet_send(struct vnet *n, const void *frame, u32 len)
+{
+	struct vq *q = &n->tx;
+	/* Reclaim finished transmissions. */
+	while (q->last_used != virtio_used_idx(q)) {
+		q->last_used++;
+		n->tx_free++;
+	}
+	if (!n->tx_free || len > VNET_BUF - VIRTIO_NET_HDR)
+		return 0;
+	u16 id = q->avail_idx % q->size;
+	u8 *buf = n->txbuf[id];
+	memset(buf, 0, VIRTIO_NET_HDR);
+	memcpy(buf + VIRTIO_NET_HDR, frame, len);
+	q->desc[id].addr = (u64)buf;
+	q->desc[id].len = VIRTIO_NET_HDR + len;
+	q->desc[id].flags = 0;
+	n->tx_free--;
+	virtio_publish(q, id);
+	virtio_kick(q);
+	return 1;
+}
+
+int vnet_recv(struct vnet *n, void *frame, u32 cap, u16 *num_buffers)
+{
+	struct vq *q = &n->rx;
+	if (q->last_used == virtio_used_idx(q))
+		return -1;
+	__asm__ volatile("" ::: "memory");
+	u32 slot = q->last_used % q->size;
+	u16 id = (u16)q->used[1 + 2 * slot];
+	u32 len = q->used[2 + 2 * slot];
+	q->last_used++;
+	if (id >= q->size)
+		virtio_fail("rx used id out of range");
+	u8 *buf = n->rxbuf[id];
+	u16 nb = (u16)(buf[10] | buf[11] << 8);
+	*num_buffers = nb;
+	int got = -2;	/* a frame without room: dropped, reported as length 0 */
+	if (len >= VIRTIO_NET_HDR && len <= VNET_BUF) {
+		u32 flen = len - VIRTIO_NET_HDR;
+		if (flen > cap) {
+			flen = cap;
+			__asm__ volatile("" ::: "memory");	/* a branch, not cmovbe (the FORBIDDEN check matches movbe) */
+		}
+		memcpy(frame, buf + VIRTIO_NET_HDR, flen);
+		got = (int)flen;
+	}
+	vnet_post_rx(n, id);
+	/* Further buffers of a merged frame (num_buffers > 1) are not used here: give them back. */
+	for (u16 extra = 1; extra < nb && q->last_used != virtio_used_idx(q); extra++) {
+		u32 s = q->last_used % q->size;
+		u16 xid = (u16)q->used[1 + 2 * s];
+		if (xid >= q->size)
+			virtio_fail("rx used id out of range");
+		vnet_post_rx(n, xid);
+		q->last_used++;
+	}
+	virtio_kick(q);
+	return got < 0 ? 0 : got;
+}

@@ -74,6 +74,8 @@ void virtio_set_status(struct vdev *d, u8 s);
 u64 virtio_negotiate(struct vdev *d, u64 wanted);
 void virtio_driver_ok(struct vdev *d);
 u32 virtio_cfg32(struct vdev *d, u32 off);
+u8 virtio_cfg8(struct vdev *d, u32 off);
+u16 virtio_cfg16(struct vdev *d, u32 off);
 
 /* Selects queue `index` and returns its maximum size. */
 u16 virtio_queue_max(struct vdev *d, u16 index);
@@ -92,5 +94,40 @@ u16 virtio_used_idx(struct vq *vq);
  * `sti; hlt` (EVENT_IDX used_event set). Returns 0 on timeout.
  */
 int virtio_wait_used(struct vq *vq, u16 n, int sleep);
+
+/* ---- virtio-net (§5.1): polling driver, one rx and one tx queue ---- */
+
+#define VIRTIO_NET_F_MTU	(1ul << 3)
+#define VIRTIO_NET_F_MAC	(1ul << 5)
+#define VIRTIO_NET_F_MRG_RXBUF	(1ul << 15)
+#define VIRTIO_NET_F_STATUS	(1ul << 16)
+#define VIRTIO_NET_S_LINK_UP	1
+#define VIRTIO_NET_HDR		12	/* struct virtio_net_hdr_v1 */
+#define VNET_BUF		2048	/* bytes per rx and tx buffer (header included) */
+
+struct vnet {
+	struct vdev *dev;
+	struct vq rx, tx;
+	u8 (*rxbuf)[VNET_BUF], (*txbuf)[VNET_BUF];
+	u16 tx_free;		/* tx descriptors not in flight */
+	u64 features;
+	u8 mac[6];
+	u16 status, mtu;
+};
+
+/*
+ * Negotiates (MAC, STATUS, MTU, MRG_RXBUF of `wanted`), sets up rx 0 and
+ * tx 1 in `rings` with VIRTIO_QSZ buffers each from `rxbuf`/`txbuf`, posts
+ * every rx buffer and sets DRIVER_OK.
+ */
+void vnet_init(struct vnet *n, struct vdev *d, u64 wanted, struct vring rings[2],
+	       u8 (*rxbuf)[VNET_BUF], u8 (*txbuf)[VNET_BUF]);
+/* Sends one Ethernet frame (len <= VNET_BUF - 12). Returns 0 if no tx buffer was free. */
+int vnet_send(struct vnet *n, const void *frame, u32 len);
+/*
+ * The next received frame, copied into `frame` (up to `cap` bytes), or -1
+ * when none is waiting. `num_buffers` gets the header's count.
+ */
+int vnet_recv(struct vnet *n, void *frame, u32 cap, u16 *num_buffers);
 
 #endif

@@ -12,8 +12,11 @@ final class VMProcess {
     private var exitStatus: Int32?
 
     /// `environment`: `NAME=value` entries added to (or replacing those of) this process's environment.
-    init(_ arguments: [String], environment: [String] = []) throws {
-        guard let hvrun = TestHost.hvrunPath else { throw Subprocess.Failure.spawn("hvrun (not built next to the tests)", 2) }
+    /// `prefix` runs hvrun through another program that execs it (as `ip netns exec NS`).
+    init(_ arguments: [String], environment: [String] = [], prefix: [String] = []) throws {
+        guard let hvrunPath = TestHost.hvrunPath else { throw Subprocess.Failure.spawn("hvrun (not built next to the tests)", 2) }
+        let hvrun = prefix.first ?? hvrunPath
+        let arguments = prefix.isEmpty ? arguments : Array(prefix.dropFirst()) + [hvrunPath] + arguments
         let base = "/tmp/hypercore-vm-\(getpid())-\(UInt32.random(in: 0...UInt32.max))"
         outputPath = base + ".out"
         errorPath = base + ".err"
@@ -23,7 +26,7 @@ final class VMProcess {
         posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
         posix_spawn_file_actions_addopen(&actions, 1, outputPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
         posix_spawn_file_actions_addopen(&actions, 2, errorPath, O_WRONLY | O_CREAT | O_TRUNC, 0o600)
-        let argv = ([hvrun] + arguments).map { strdup($0) } + [nil]
+        let argv = ([hvrun] + arguments).map { strdup($0) } + [nil]  // (prefix[0] or hvrun) + the rest
         defer { argv.forEach { free($0) } }
         var pid: pid_t = 0
         var entries: [String] = []
