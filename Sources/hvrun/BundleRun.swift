@@ -58,7 +58,7 @@ struct BundleRun {
             for failure in failures { printError("hvrun: \(failure)") }
             if !failures.isEmpty, status == 0 { status = 1 }
             printError("hvrun: VM \(bundle.name): \(exit)")
-            if exit == .reset, configuration.onReset == .restart, stop.signal == nil, failures.isEmpty {
+            if exit == .reset, configuration.onReset == .restart, stop.signal == nil, !stop.stoppedByControl, failures.isEmpty {
                 printError("hvrun: VM \(bundle.name): on_reset=restart, booting again")
                 continue
             }
@@ -98,6 +98,7 @@ struct BundleRun {
         guard !stop.attach(machine) else { return .stopped }
         console.attach(machine.serial)
         let server = try ControlServer(path: bundle.controlSocketPath, machine: machine)
+        server.onStop = { stop.requestFromControl() }
         defer { server.close() }
         do {
             try machine.start()

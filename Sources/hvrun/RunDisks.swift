@@ -71,4 +71,9 @@ final class StopRequest: Sendable {
 
     /// The signal that asked for the stop, if one did.
     var signal: Int32? { state.withLock { $0.signal } }
+
+    /// A `stop` over the control socket (no signal): the run must not be restarted after it.
+    private let controlStop = Mutex<Bool>(false)
+    func requestFromControl() { controlStop.withLock { $0 = true } }
+    var stoppedByControl: Bool { controlStop.withLock { $0 } }
 }

@@ -26,6 +26,10 @@ public final class ControlServer: @unchecked Sendable {
     private let wake: Int32
     private let stopped = Atomic<Bool>(false)
     private var thread: pthread_t?
+    /// Called (on the server's thread) when a client asks for `stop`, before the run is ended:
+    /// lets an owner that restarts machines (a VM that reboots on reset) know the user wants it
+    /// off, even if the guest's own reset ends this run first.
+    public var onStop: (@Sendable () -> Void)?
     static let maximumLine = 64 << 10
     static let maximumClients = 16
 
@@ -248,6 +252,7 @@ public final class ControlServer: @unchecked Sendable {
                     throw .failed(error.description)
                 }
             case "stop":
+                onStop?()
                 return (Self.success([], id: id), { [machine] in machine.finish(.stopped) })
             default:
                 return (Self.error("CommandNotFound", "unknown command \(verb); known: info, pause, resume, save, snapshot, checkpoint, stop", id: id), nil)
