@@ -37,22 +37,27 @@ public final class ControlServer: @unchecked Sendable {
         self.path = path
         self.machine = machine
         try Self.clearStaleSocket(path)
-        var address = try Self.address(path)
+        listener = try Self.listen(path, backlog: 8)
+        wake = ckvm_eventfd_create()
+    }
+
+    /// A listening Unix stream socket at `path`, mode 0600: it gets its mode from the umask at bind
+    /// time, so there is no window in which others can connect.
+    static func listen(_ path: String, backlog: Int32) throws(ControlError) -> Int32 {
+        var address = try address(path)
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
         guard fd >= 0 else { throw .system(path: path, operation: "socket", errno: errno) }
-        // The socket gets mode 0600 from the umask at bind time: no window where others can connect.
         let previous = umask(0o177)
         let bound = withUnsafePointer(to: &address) {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
         umask(previous)
-        guard bound == 0, listen(fd, 8) == 0 else {
+        guard bound == 0, Glibc.listen(fd, backlog) == 0 else {
             let code = errno
             Glibc.close(fd)
             throw .system(path: path, operation: "bind", errno: code)
         }
-        listener = fd
-        wake = ckvm_eventfd_create()
+        return fd
     }
 
     deinit {

@@ -68,27 +68,15 @@ public final class VMConsoleServer: ConsoleOutput, @unchecked Sendable {
     /// Binds `console.sock` (mode 0600) and serves it on a dedicated thread.
     public func serve() throws(StoreError) {
         unlink(socketPath)
-        let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue) | Int32(SOCK_CLOEXEC.rawValue), 0)
-        guard fd >= 0 else { throw .system(operation: "socket", path: socketPath, errno: errno) }
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(socketPath.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
-            close(fd)
-            throw .failed("\(socketPath) is longer than a Unix socket path may be (107 bytes); choose a shorter HVRUN_HOME")
+        do throws(ControlError) {
+            listener = try ControlServer.listen(socketPath, backlog: 4)
+        } catch let .pathTooLong(path) {
+            throw .failed("\(path) is longer than a Unix socket path may be (107 bytes); choose a shorter HVRUN_HOME")
+        } catch let .system(path, operation, code) {
+            throw .system(operation: operation, path: path, errno: code)
+        } catch {
+            throw .failed(error.description)
         }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in for (i, byte) in bytes.enumerated() { raw[i] = byte } }
-        let previous = umask(0o177)
-        let bound = withUnsafePointer(to: &address) {
-            $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { bind(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
-        }
-        umask(previous)
-        guard bound == 0, listen(fd, 4) == 0 else {
-            let code = errno
-            close(fd)
-            throw .system(operation: "bind", path: socketPath, errno: code)
-        }
-        listener = fd
         startDetachedThread { [self] in loop() }
     }
 
