@@ -21,19 +21,7 @@ final class SaveOnSignal: @unchecked Sendable {
     }
 
     func watch(_ machine: Machine) {
-        final class Box: @unchecked Sendable {
-            let saver: SaveOnSignal
-            let machine: Machine
-            init(_ saver: SaveOnSignal, _ machine: Machine) { self.saver = saver; self.machine = machine }
-        }
-        var thread = pthread_t()
-        let box = Unmanaged.passRetained(Box(self, machine)).toOpaque()
-        let result = pthread_create(&thread, nil, { argument in
-            let box = Unmanaged<Box>.fromOpaque(argument!).takeRetainedValue()
-            box.saver.loop(box.machine)
-            return nil
-        }, box)
-        if result == 0 { pthread_detach(thread) } else { Unmanaged<Box>.fromOpaque(box).release() }
+        startDetachedThread { [self] in loop(machine) }
     }
 
     private func loop(_ machine: Machine) {

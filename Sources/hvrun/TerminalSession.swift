@@ -31,7 +31,7 @@ final class TerminalSession: @unchecked Sendable {
 
     /// Forwards stdin to `serial` on a background thread until stdin closes.
     func forwardInput(to serial: Serial16550) {
-        startThread {
+        startDetachedThread {
             var buffer = [UInt8](repeating: 0, count: 256)
             while true {
                 let count = buffer.withUnsafeMutableBytes { read(0, $0.baseAddress, $0.count) }
@@ -52,27 +52,13 @@ final class TerminalSession: @unchecked Sendable {
         sigaddset(&signals, SIGTERM)
         pthread_sigmask(SIG_BLOCK, &signals, nil)
         let waited = signals
-        startThread { [self] in
+        startDetachedThread { [self] in
             var received: Int32 = 0
             var set = waited
             guard sigwait(&set, &received) == 0 else { return }
             interrupted = true
             handler(received)
         }
-    }
-
-    private func startThread(_ body: @escaping @Sendable () -> Void) {
-        final class Box: @unchecked Sendable {
-            let body: @Sendable () -> Void
-            init(_ body: @escaping @Sendable () -> Void) { self.body = body }
-        }
-        var thread = pthread_t()
-        let box = Unmanaged.passRetained(Box(body)).toOpaque()
-        let result = pthread_create(&thread, nil, { argument in
-            Unmanaged<Box>.fromOpaque(argument!).takeRetainedValue().body()
-            return nil
-        }, box)
-        if result == 0 { pthread_detach(thread) } else { Unmanaged<Box>.fromOpaque(box).release() }
     }
 }
 

@@ -221,28 +221,25 @@ struct VMInfoCommand: ParsableCommand {
     }
 }
 
+/// Sends `verb` over the control socket of VM `name`, which must be running or paused.
+private func sendToRunningVM(_ name: String, _ verb: String) throws {
+    try storeCommand { store in
+        let bundle = try store.bundle(named: name)
+        _ = try requireState(store, bundle, [.running, .paused], for: verb)
+        try ControlConnection(path: bundle.controlSocketPath).execute(verb)
+    }
+}
+
 struct VMPauseCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "pause", abstract: "Pause a running VM (its vCPUs stop; the process stays).")
     @Argument(help: ArgumentHelp("The VM's name.", valueName: "name")) var name: String
-    func run() throws {
-        try storeCommand { store in
-            let bundle = try store.bundle(named: name)
-            _ = try requireState(store, bundle, [.running, .paused], for: "pause")
-            try ControlConnection(path: bundle.controlSocketPath).execute("pause")
-        }
-    }
+    func run() throws { try sendToRunningVM(name, "pause") }
 }
 
 struct VMResumeCommand: ParsableCommand {
     static let configuration = CommandConfiguration(commandName: "resume", abstract: "Resume a paused VM.")
     @Argument(help: ArgumentHelp("The VM's name.", valueName: "name")) var name: String
-    func run() throws {
-        try storeCommand { store in
-            let bundle = try store.bundle(named: name)
-            _ = try requireState(store, bundle, [.running, .paused], for: "resume")
-            try ControlConnection(path: bundle.controlSocketPath).execute("resume")
-        }
-    }
+    func run() throws { try sendToRunningVM(name, "resume") }
 }
 
 struct VMSaveCommand: ParsableCommand {

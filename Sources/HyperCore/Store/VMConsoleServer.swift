@@ -147,8 +147,8 @@ public final class VMConsoleServer: ConsoleOutput, @unchecked Sendable {
     }
 }
 
-/// Runs `body` on a new detached thread.
-func startDetachedThread(_ body: @escaping @Sendable () -> Void) {
+/// Runs `body` on a new detached pthread (blocking work kept off the Swift concurrency pool).
+public func startDetachedThread(_ body: @escaping @Sendable () -> Void) {
     final class Box: @unchecked Sendable {
         let body: @Sendable () -> Void
         init(_ body: @escaping @Sendable () -> Void) { self.body = body }
