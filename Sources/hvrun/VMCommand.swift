@@ -18,7 +18,7 @@ struct VMCommand: ParsableCommand {
             """,
         subcommands: [VMCreateCommand.self, VMListCommand.self, VMInfoCommand.self, VMStartCommand.self,
                       VMPauseCommand.self, VMResumeCommand.self, VMSaveCommand.self, VMStopCommand.self,
-                      VMDeleteCommand.self, VMLogCommand.self, VMConsoleCommand.self]
+                      VMDeleteCommand.self, VMLogCommand.self, VMConsoleCommand.self, VMCheckpointCommand.self]
     )
 }
 
@@ -148,7 +148,7 @@ struct VMListCommand: ParsableCommand {
                              ("state", .string(status.state.rawValue)), ("cpus", .number(Int64(configuration.cpus))),
                              ("memory_bytes", .number(Int64(configuration.memoryBytes))),
                              ("uptime_s", status.uptimeSeconds.map { .double(($0 * 1000).rounded() / 1000) } ?? .null),
-                             ("checkpoints", .number(0))])
+                             ("checkpoints", .number(Int64(configuration.checkpoints.count)))])
                 })
                 printOut(array.rendered() + "\n")
                 return
@@ -157,7 +157,7 @@ struct VMListCommand: ParsableCommand {
             for (configuration, status) in rows {
                 lines.append([configuration.name, status.state.rawValue, "\(configuration.cpus)",
                               ByteCount(bytes: configuration.memoryBytes).description,
-                              status.uptimeSeconds.map(formatUptime) ?? "-", "0"])
+                              status.uptimeSeconds.map(formatUptime) ?? "-", "\(configuration.checkpoints.count)"])
             }
             let widths = (0..<6).map { column in lines.map { $0[column].count }.max()! }
             for line in lines {
@@ -205,8 +205,11 @@ struct VMInfoCommand: ParsableCommand {
                     .object([("switch", .string(nic.switch)), ("mac", .string(nic.mac)), ("mac_generated", .bool(nic.macGenerated))])
                 })))
                 members.append(("on_reset", .string(configuration.onReset.rawValue)))
-                members.append(("checkpoints", .array([])))
-                members.append(("current_checkpoint", .null))
+                members.append(("checkpoints", .array(configuration.checkpoints.map { checkpointJSON($0, current: configuration.currentCheckpoint) })))
+                members.append(("current_checkpoint", configuration.currentCheckpoint.map(JSONValue.string) ?? .null))
+                // Checkpoint work recorded but not finished: a running VM's background merge, or
+                // work a crash interrupted (the next command or start finishes it).
+                members.append(("merging", .bool(!configuration.pending.isEmpty)))
                 printOut(JSONValue.object(members).rendered() + "\n")
                 return
             }
@@ -216,6 +219,7 @@ struct VMInfoCommand: ParsableCommand {
             text += "cmdline:   \(configuration.boot.cmdline)\non_reset:  \(configuration.onReset.rawValue)\n"
             for disk in configuration.disks { text += "disk:      \(bundle.activePath(of: disk))\(disk.readonly ? " (readonly)" : "")\n" }
             for nic in configuration.nics { text += "nic:       \(nic.switch) \(nic.mac)\(nic.macGenerated ? " (generated)" : "")\n" }
+            text += "checkpoints: \(configuration.checkpoints.count)\(configuration.pending.isEmpty ? "" : " (merging)")\n"
             printOut(text)
         }
     }

@@ -138,6 +138,21 @@ public enum StoreFiles {
         return (cwd == "/" ? "" : cwd) + "/" + relative
     }
 
+    /// `path` absolute with every symbolic link, `.` and `..` resolved (`realpath`); when it does
+    /// not exist, its directory resolved and the name kept; else just made absolute.
+    public static func canonical(_ path: String) -> String {
+        let full = absolute(path)
+        if let resolved = realpath(full, nil) {
+            defer { free(resolved) }
+            return String(cString: resolved)
+        }
+        guard let slash = full.lastIndex(of: "/"), slash != full.startIndex else { return full }
+        let directory = String(full[..<slash])
+        guard let resolved = realpath(directory, nil) else { return full }
+        defer { free(resolved) }
+        return String(cString: resolved) + String(full[slash...])
+    }
+
     /// The file's size in bytes, or nil.
     public static func size(_ path: String) -> Int64? {
         var info = stat()
