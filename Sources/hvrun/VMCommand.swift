@@ -18,7 +18,8 @@ struct VMCommand: ParsableCommand {
             """,
         subcommands: [VMCreateCommand.self, VMListCommand.self, VMInfoCommand.self, VMStartCommand.self,
                       VMPauseCommand.self, VMResumeCommand.self, VMSaveCommand.self, VMStopCommand.self,
-                      VMDeleteCommand.self, VMLogCommand.self, VMConsoleCommand.self, VMCheckpointCommand.self]
+                      VMDeleteCommand.self, VMLogCommand.self, VMConsoleCommand.self, VMCheckpointCommand.self,
+                      VMExportCommand.self, VMImportCommand.self]
     )
 }
 
@@ -88,7 +89,7 @@ struct VMCreateCommand: ParsableCommand {
     var disks: [DiskOption] = []
     @Option(name: .customLong("new-disk"), help: ArgumentHelp("A new dynamic VHDX of this size inside the VM. Repeatable.", valueName: "size"))
     var newDisks: [ByteCount] = []
-    @Option(name: .customLong("nic"), help: ArgumentHelp("A NIC on SWITCH (recorded; NIC devices come later); mac= gives a static MAC, else one is generated. `none` for no NIC. Repeatable.", valueName: "switch[,mac=MAC]"))
+    @Option(name: .customLong("nic"), help: ArgumentHelp("A NIC on SWITCH (recorded; NIC devices come later); mac= gives a static MAC, else one is generated. `none` for a NIC that is not connected. Repeatable.", valueName: "switch[,mac=MAC]"))
     var nics: [String] = []
     @Option(help: ArgumentHelp("What a guest reset does: restart the VM, or stop it.", valueName: "restart|stop"))
     var onReset: String = "restart"
@@ -105,7 +106,8 @@ struct VMCreateCommand: ParsableCommand {
             request.memoryBytes = memory.bytes
             request.disks = disks.map { ($0.path, $0.readOnly) }
             request.newDiskSizes = newDisks.map(\.bytes)
-            for nic in nics where nic != "none" {
+            // `none` is a NIC that is not connected (Hyper-V allows one): it has a MAC like any other.
+            for nic in nics {
                 let parts = nic.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
                 guard let switchName = parts.first, !switchName.isEmpty else { throw StoreError.invalid("--nic needs a switch name, as in --nic lan or --nic lan,mac=52:54:00:12:34:56") }
                 var mac: MACAddress?

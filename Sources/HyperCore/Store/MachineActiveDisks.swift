@@ -46,7 +46,7 @@ public final class MachineActiveDisks: ActiveDisks, @unchecked Sendable {
         try? previous?.close()
     }
 
-    public func reopen(_ index: Int, around change: () throws(StoreError) -> Void) throws(StoreError) {
+    public func reopen(_ index: Int, as replacement: String?, around change: () throws(StoreError) -> Void) throws(StoreError) {
         var failure: StoreError?
         do throws(MachineError) {
             try machine.exchangeDisk(index) { (current: any BlockBackend) throws(MachineError) -> any BlockBackend in
@@ -57,10 +57,14 @@ public final class MachineActiveDisks: ActiveDisks, @unchecked Sendable {
                 do throws(VHDXError) { try image.close() } catch {
                     throw .invalidConfiguration("closing \(path): \(error)")
                 }
-                do throws(StoreError) { try change() } catch { failure = error }
+                var next = replacement ?? path
+                do throws(StoreError) { try change() } catch {
+                    failure = error
+                    next = path
+                }
                 // Reopened whatever `change` did: the guest's disk must come back either way.
-                do throws(VHDXError) { return try VHDXImage(path: path) } catch {
-                    throw .invalidConfiguration("reopening \(path): \(error)")
+                do throws(VHDXError) { return try VHDXImage(path: next) } catch {
+                    throw .invalidConfiguration("reopening \(next): \(error)")
                 }
             }
         } catch {

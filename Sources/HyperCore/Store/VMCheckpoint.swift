@@ -79,7 +79,14 @@ public protocol ActiveDisks: AnyObject, Sendable {
     /// `commit` runs with no request in flight, after the child exists and before the guest's
     /// first write to it. If `commit` throws, the disk stays on its file and the child is removed.
     func moveToChild(_ index: Int, childPath: String, commit: () throws(StoreError) -> Void) throws(StoreError)
-    /// Closes disk `index`'s file (no request in flight), runs `change` on it, reopens it and puts
-    /// it back behind the guest's device.
-    func reopen(_ index: Int, around change: () throws(StoreError) -> Void) throws(StoreError)
+    /// Closes disk `index`'s file (no request in flight), runs `change` on it, then opens the
+    /// file at `path` (nil: the same file again) and puts it behind the guest's device. If
+    /// `change` throws, the same file is reopened.
+    func reopen(_ index: Int, as path: String?, around change: () throws(StoreError) -> Void) throws(StoreError)
+}
+
+extension ActiveDisks {
+    public func reopen(_ index: Int, around change: () throws(StoreError) -> Void) throws(StoreError) {
+        try reopen(index, as: nil, around: change)
+    }
 }

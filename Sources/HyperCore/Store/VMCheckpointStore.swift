@@ -77,7 +77,7 @@ public struct VMCheckpointStore: Sendable {
     /// a VM that is off or saved (a saved VM's checkpoint carries its saved memory).
     public func create(name requested: String?, machine: Machine? = nil, now: UInt64 = wallClockSeconds()) throws(StoreError) -> Created {
         try recover()
-        var configuration = try load()
+        let configuration = try load()
         for (index, disk) in configuration.disks.enumerated() where !disk.readonly {
             let path = bundle.file(disk.activeFile)
             guard (try? detectDiskFormat(path: path)) == .vhdx else {
@@ -111,7 +111,9 @@ public struct VMCheckpointStore: Sendable {
                 let result = try machine.checkpoint(to: directory, childPaths: childPaths) { (taken: CheckpointResult) throws(SnapshotError) in
                     record.pauseMilliseconds = Double(taken.pauseNanoseconds / 1000) / 1000
                     updated.checkpoints.append(record)
+                    CrashPoint.reach("live-checkpoint-before-commit")
                     do throws(StoreError) { try commit(updated) } catch { throw .machine("\(error)") }
+                    CrashPoint.reach("live-checkpoint-after-commit")
                 }
                 pause = result.pauseNanoseconds
             } catch {
@@ -144,7 +146,9 @@ public struct VMCheckpointStore: Sendable {
                 record.diskIdentities = configuration.savedDiskIdentities
             }
             updated.checkpoints.append(record)
+            CrashPoint.reach("checkpoint-before-commit")
             try commit(updated)
+            CrashPoint.reach("checkpoint-after-commit")
         } catch {
             for path in created { unlink(path) }
             try? StoreFiles.removeTree(memoryDirectory(of: id))
@@ -184,7 +188,9 @@ public struct VMCheckpointStore: Sendable {
             configuration.currentCheckpoint = checkpoint.id
             configuration.savedDiskIdentities = checkpoint.hasMemory ? checkpoint.diskIdentities : []
             configuration.pending.append(PendingStoreOperation(kind: .replaceSaved, checkpoint: checkpoint.hasMemory ? checkpoint.id : nil))
+            CrashPoint.reach("apply-before-commit")
             try commit(configuration)
+            CrashPoint.reach("apply-after-commit")
         } catch {
             for path in created { unlink(path) }
             throw error
@@ -219,6 +225,7 @@ public struct VMCheckpointStore: Sendable {
             configuration.pending.append(PendingStoreOperation(kind: .removeDirectory, path: "checkpoints/" + gone.id))
         }
         try commit(configuration)
+        CrashPoint.reach("delete-after-commit")
         if !background { try recover() }
         return doomed
     }
@@ -310,25 +317,11 @@ public struct VMCheckpointStore: Sendable {
             guard StoreFiles.exists(childPath) else {
                 throw .failed("\(bundle.configurationPath): a pending merge names \(childPath), which is gone; the chain cannot be finished")
             }
-            // The guest must not write the file being merged: move it onto a fresh child first
-            // (its only write pause, a few milliseconds), which is re-pointed at `parent` below.
             if let live, let index = configuration.disks.firstIndex(where: { resolve($0.activeFile) == childPath }) {
-                let moved = Self.childName(of: configuration.disks[index], checkpoint: randomUUIDString())
-                var updated = configuration
-                updated.disks[index].active = moved
-                try live.moveToChild(index, childPath: bundle.file(moved)) { () throws(StoreError) in try commit(updated) }
-                configuration = updated
+                try mergeWritten(child, into: parent, disk: index, live: live, configuration: &configuration)
+                return
             }
-            do throws(VHDXError) {
-                let image = try VHDXImage(path: childPath)
-                do throws(VHDXError) { try image.mergeIntoParent() } catch {
-                    image.abandon()
-                    throw error
-                }
-                try image.close()
-            } catch {
-                throw .failed("merging \(childPath) into \(parentPath): \(error)")
-            }
+            try Self.mergeFile(childPath, into: parentPath)
             // From here `parent` reads exactly as `child` did: everything that used `child` uses
             // `parent`, and a snapshot that recorded `child` is told what `parent` is now.
             let identity: DiskIdentity
@@ -353,7 +346,9 @@ public struct VMCheckpointStore: Sendable {
             if let index = configuration.pending.firstIndex(where: { $0.kind == .merge && $0.path == child }) {
                 configuration.pending[index].merged = true
             }
+            CrashPoint.reach("merge-before-commit")
             try commit(configuration)
+            CrashPoint.reach("merge-after-commit")
         }
         // The files whose parent was `child` now hang from `parent` (same contents), then `child`
         // goes. Until then `child` still exists, so every chain opens at every step.
@@ -371,7 +366,85 @@ public struct VMCheckpointStore: Sendable {
                     try repoint()
                 }
             }
+            CrashPoint.reach("merge-before-unlink")
             guard unlink(childPath) == 0 || errno == ENOENT else { throw .system(operation: "unlink", path: childPath, errno: errno) }
+        }
+    }
+
+    /// Merges the file a running guest writes into its parent, with no long pause: rounds of
+    /// "move the guest onto a fresh child, merge the file it left (the guest reads through it,
+    /// never writes it), re-point the fresh child at the parent" shrink what is left; the last,
+    /// small file is merged with the disk's requests waiting (milliseconds), and the guest goes
+    /// on writing the parent itself. Each round is recorded in `pending` before the next, so a
+    /// crash anywhere leaves a chain that opens and a merge the next holder finishes.
+    private func mergeWritten(_ child: String, into parent: String, disk index: Int, live: any ActiveDisks,
+                              configuration: inout VMConfiguration) throws(StoreError) {
+        let parentPath = resolve(parent)
+        var current = child
+        for round in 0... {
+            let currentPath = resolve(current)
+            let written: UInt64
+            do throws(VHDXError) {
+                let image = try VHDXImage(path: currentPath, options: .init(readOnly: true, openParents: false))
+                written = image.allocatedBytes
+                try? image.close()
+            } catch {
+                throw .failed("\(currentPath): \(error)")
+            }
+            if written <= Self.finalMergeBytes || round >= Self.maximumMergeRounds {
+                var updated = configuration
+                updated.disks[index].active = parentPath == resolve(updated.disks[index].path) ? nil : parent
+                if let entry = updated.pending.firstIndex(where: { $0.kind == .merge && $0.path == current }) {
+                    updated.pending[entry].merged = true
+                }
+                try live.reopen(index, as: parentPath) { () throws(StoreError) in
+                    try Self.mergeFile(currentPath, into: parentPath)
+                    try commit(updated)
+                }
+                configuration = updated
+                guard unlink(currentPath) == 0 || errno == ENOENT else { throw .system(operation: "unlink", path: currentPath, errno: errno) }
+                return
+            }
+            let moved = Self.childName(of: configuration.disks[index], checkpoint: randomUUIDString())
+            var updated = configuration
+            updated.disks[index].active = moved
+            try live.moveToChild(index, childPath: resolve(moved)) { () throws(StoreError) in try commit(updated) }
+            configuration = updated
+            try Self.mergeFile(currentPath, into: parentPath)
+            CrashPoint.reach("live-merge-round")
+            try live.reopen(index) { () throws(StoreError) in
+                do throws(VHDXError) { try VHDXImage.reparent(childPath: resolve(moved), to: parentPath) } catch {
+                    throw .failed("re-pointing \(resolve(moved)) at \(parentPath): \(error)")
+                }
+            }
+            guard unlink(currentPath) == 0 || errno == ENOENT else { throw .system(operation: "unlink", path: currentPath, errno: errno) }
+            if let entry = configuration.pending.firstIndex(where: { $0.kind == .merge && $0.path == current }) {
+                configuration.pending[entry].path = moved
+            }
+            try commit(configuration)
+            current = moved
+        }
+    }
+
+    /// The last round of a running disk's merge happens with its requests waiting: only when what
+    /// is left is this small (or after this many rounds, for a guest that writes faster than the
+    /// merge).
+    static let finalMergeBytes: UInt64 = 64 << 20
+    static let maximumMergeRounds = 4
+
+    /// The crash-safe VHDX merge of `childPath` into its parent `parentPath` (resumable).
+    static func mergeFile(_ childPath: String, into parentPath: String) throws(StoreError) {
+        do throws(VHDXError) {
+            let image = try VHDXImage(path: childPath)
+            do throws(VHDXError) {
+                try image.mergeIntoParent { done, total in if total > 1, done == total / 2 { CrashPoint.reach("merge-halfway") } }
+            } catch {
+                image.abandon()
+                throw error
+            }
+            try image.close()
+        } catch {
+            throw .failed("merging \(childPath) into \(parentPath): \(error)")
         }
     }
 
