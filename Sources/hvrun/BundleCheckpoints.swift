@@ -1,5 +1,8 @@
 import HyperCore
 import Synchronization
+#if canImport(Glibc)
+import Glibc
+#endif
 
 /// The checkpoint verbs a running VM's process adds to its control socket. They run here because
 /// this process owns the VM's disks and `vm.json` while it runs:
@@ -16,7 +19,15 @@ final class BundleCheckpoints: Sendable {
 
     init(bundle: VMBundle, machine: Machine) {
         self.machine = machine
-        store = VMCheckpointStore(bundle: bundle, live: MachineActiveDisks(machine: machine))
+        store = VMCheckpointStore(bundle: bundle, live: MachineActiveDisks(machine: machine)) { [machine] in
+            machine.runState == .ended
+        }
+    }
+
+    /// Waits until background work has stopped: after the machine ended, a merge stops at its
+    /// next step (its disks are about to close); what is left stays pending in `vm.json`.
+    func waitUntilIdle() {
+        while busy.withLock({ $0 }) { usleep(10_000) }
     }
 
     func install(on server: ControlServer) {
@@ -81,6 +92,7 @@ final class BundleCheckpoints: Sendable {
         }) else { return }
         startDetachedThread { [self] in
             do throws(StoreError) { try store.recover() } catch {
+                if case .interrupted = error { printError("hvrun: VM \(store.bundle.name): the machine ended; checkpoint merges resume at the next start or checkpoint command"); busy.withLock { $0 = false }; return }
                 printError("hvrun: VM \(store.bundle.name): finishing checkpoint work: \(error) (the next start or checkpoint command resumes it)")
             }
             busy.withLock { $0 = false }

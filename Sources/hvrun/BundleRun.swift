@@ -131,6 +131,9 @@ struct BundleRun {
         }
         let exit = machine.wait()
         server.close()
+        // A background merge stops at its next step once the machine has ended (it works on
+        // this machine's disks, which close next); the rest stays pending for the next start.
+        checkpoints.waitUntilIdle()
         disks.adoptDisks(of: machine)
         return exit
     }

@@ -14,8 +14,13 @@ internal import Glibc
 public struct VMCheckpointStore: Sendable {
     public let bundle: VMBundle
     public let live: (any ActiveDisks)?
+    /// Polled between steps of ``recover()``: when it returns true, recovery stops after the step
+    /// it is in (``StoreError/interrupted``), leaving the rest pending for the next holder. The VM
+    /// process sets it when its machine ends, so a merge never outlives the machine it works on.
+    public let shouldStop: @Sendable () -> Bool
 
-    public init(bundle: VMBundle, live: (any ActiveDisks)? = nil) {
+    public init(bundle: VMBundle, live: (any ActiveDisks)? = nil, shouldStop: @escaping @Sendable () -> Bool = { false }) {
+        self.shouldStop = shouldStop
         // Paths are compared after resolving symbolic links: a parent locator's relative path and
         // the configuration's absolute one must meet.
         self.bundle = VMBundle(name: bundle.name, path: StoreFiles.canonical(bundle.path))
@@ -241,6 +246,7 @@ public struct VMCheckpointStore: Sendable {
         while true {
             var configuration = try load()
             while let operation = configuration.pending.first {
+                if shouldStop() { throw .interrupted }
                 try perform(operation, in: &configuration)
                 configuration.pending.removeFirst()
                 try commit(configuration)
@@ -382,6 +388,7 @@ public struct VMCheckpointStore: Sendable {
         let parentPath = resolve(parent)
         var current = child
         for round in 0... {
+            if shouldStop() { throw .interrupted }
             let currentPath = resolve(current)
             let written: UInt64
             do throws(VHDXError) {
