@@ -269,42 +269,66 @@ struct VMSaveCommand: ParsableCommand {
 
 struct VMStopCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "stop", abstract: "Stop a VM: its machine ends at once (no ACPI shutdown yet), its disks are closed cleanly.",
-        discussion: "There is no ACPI power button yet, so stop ends the machine the way pulling the plug would, with hvrun closing the disks cleanly. --force also kills the VM process (SIGKILL) if it does not end within --timeout.")
+        commandName: "stop", abstract: "Stop a VM: ask the guest to shut down (ACPI power button), then turn it off.",
+        discussion: "Without --force, the VM's ACPI power button is pressed and the guest gets --timeout seconds (default 30) to power off; a guest that has not by then is turned off (its machine ends; hvrun closes the disks cleanly). --force turns it off at once, and kills the VM process (SIGKILL) if it does not answer or end within --timeout.")
     @Argument(help: ArgumentHelp("The VM's name.", valueName: "name")) var name: String
-    @Flag(help: "Kill the VM process (SIGKILL) if it does not end in time, or does not answer.")
+    @Flag(help: "Turn the VM off now, without asking the guest; kill its process if it does not end in time.")
     var force = false
-    @Option(help: ArgumentHelp("Seconds to wait for the VM process to end.", valueName: "seconds"))
+    @Option(help: ArgumentHelp("Seconds the guest gets to shut down (and the process to end).", valueName: "seconds"))
     var timeout: Double = 30
     func run() throws {
         try storeCommand { store in
             let bundle = try store.bundle(named: name)
-            _ = try requireState(store, bundle, [.running, .paused, .starting], for: "stop")
-            let pid = bundle.processID
-            var asked = false
-            // A VM between a guest reset and its reboot has no control socket for a moment: retry a while.
-            let askDeadline = monotonicSeconds() + min(timeout, 5)
-            while !asked {
+            let state = try requireState(store, bundle, [.running, .paused, .starting], for: "stop").state
+            if !force, state == .running {
                 do {
-                    try ControlConnection(path: bundle.controlSocketPath, timeoutSeconds: min(timeout, 5)).execute("stop", timeoutSeconds: min(timeout, 5))
-                    asked = true
+                    try ControlConnection(path: bundle.controlSocketPath, timeoutSeconds: 5).execute("powerdown", timeoutSeconds: 5)
+                    if waitUntilUnlocked(bundle, timeoutSeconds: timeout) {
+                        printOut("VM \(name) shut down\n")
+                        return
+                    }
+                    printError("hvrun: VM \(name) did not shut down within \(timeout) s; turning it off")
                 } catch let error as StoreError {
                     if !FileLock.isHeld(bundle.lockPath) { return }   // it ended meanwhile
-                    if monotonicSeconds() < askDeadline { usleep(50_000); continue }
-                    guard force else {
-                        throw StoreError.failed("VM \(name) does not answer on its control socket (\(error)); hvrun vm stop --force \(name) kills its process")
-                    }
-                    printError("hvrun: VM \(name) does not answer (\(error)); killing its process")
-                    break
+                    printError("hvrun: VM \(name) cannot be asked to shut down (\(error)); turning it off")
                 }
             }
-            if asked, waitUntilUnlocked(bundle, timeoutSeconds: timeout) { return }
-            guard force else {
-                throw StoreError.failed("VM \(name) did not stop within \(timeout) s; hvrun vm stop --force \(name) kills its process")
-            }
-            if let pid, pid > 1 { kill(pid, SIGKILL) }
-            guard waitUntilUnlocked(bundle, timeoutSeconds: 10) else { throw StoreError.failed("VM \(name)'s process \(pid.map(String.init) ?? "?") survived SIGKILL") }
+            try turnOff(bundle, force: force, timeout: timeout)
+            printOut("VM \(name) turned off\n")
         }
+    }
+
+    /// The control socket's `stop` (the machine ends at once; the disks are closed cleanly), with
+    /// retries while a rebooting VM has no socket for a moment; `force` kills a process that
+    /// does not answer or end in time.
+    private func turnOff(_ bundle: VMBundle, force: Bool, timeout: Double) throws {
+        let pid = bundle.processID
+        let askDeadline = monotonicSeconds() + min(timeout, 5)
+        var asked = false
+        var lastError: StoreError?
+        while !asked, monotonicSeconds() < askDeadline {
+            do throws(StoreError) {
+                try ControlConnection(path: bundle.controlSocketPath, timeoutSeconds: min(timeout, 5)).execute("stop", timeoutSeconds: min(timeout, 5))
+                asked = true
+            } catch {
+                if !FileLock.isHeld(bundle.lockPath) { return }   // it ended meanwhile
+                lastError = error
+                usleep(50_000)
+            }
+        }
+        if !asked {
+            let reason = lastError.map { "\($0)" } ?? "no answer"
+            guard force else {
+                throw StoreError.failed("VM \(name) does not answer on its control socket (\(reason)); hvrun vm stop --force \(name) kills its process")
+            }
+            printError("hvrun: VM \(name) does not answer (\(reason)); killing its process")
+        }
+        if asked, waitUntilUnlocked(bundle, timeoutSeconds: timeout) { return }
+        guard force else {
+            throw StoreError.failed("VM \(name) did not stop within \(timeout) s; hvrun vm stop --force \(name) kills its process")
+        }
+        if let pid, pid > 1 { kill(pid, SIGKILL) }
+        guard waitUntilUnlocked(bundle, timeoutSeconds: 10) else { throw StoreError.failed("VM \(name)'s process \(pid.map(String.init) ?? "?") survived SIGKILL") }
     }
 }
 

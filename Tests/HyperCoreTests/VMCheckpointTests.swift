@@ -222,7 +222,7 @@ struct VMCheckpointTests {
         // The temporary checkpoint is gone again once its merge ends.
         #expect(try store.waitFor { try Self.json(store, ["vm", "info", "x", "--json"])["merging"] == .bool(false) })
         #expect(try Self.json(store, ["vm", "checkpoint", "list", "x", "--json"]).arrayValue?.map { $0["name"]?.stringValue } == ["kept"])
-        #expect(try store.run(["vm", "stop", "x"]).status == 0)
+        #expect(try store.run(["vm", "stop", "x", "--force"]).status == 0)
 
         // Another host: a second store. Problems are all reported at once, nothing imported.
         let other = try Store()
@@ -374,6 +374,6 @@ struct VMCheckpointCrashTests {
         try VMCheckpointCrashTests.checkConsistent(store, "l")
         #expect(try store.run(["vm", "start", "l"]).status == 0)
         #expect(store.waitFor { store.consoleLog("l").components("stateful steps=") == 2 }, "booted again")
-        #expect(try store.run(["vm", "stop", "l"]).status == 0)
+        #expect(try store.run(["vm", "stop", "l", "--force"]).status == 0)
     }
 }

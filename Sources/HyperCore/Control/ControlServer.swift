@@ -14,7 +14,8 @@ internal import Glibc
 ///   connection stays usable.
 /// - Verbs: `info`, `pause`, `resume`, `save` `{"path":DIR}` (pause, write the snapshot durably,
 ///   reply, then end the run as ``MachineExit/saved(_:)``), `snapshot` `{"path":DIR}` (the same,
-///   staying paused), `stop` (reply, then end the run).
+///   staying paused), `powerdown` (press the ACPI power button: the guest decides), `stop` (reply,
+///   then end the run).
 ///
 /// One dedicated thread serves every client with `poll`, so a slow or silent client delays no
 /// one, and a client that disconnects mid-request does not disturb the machine. The socket is
@@ -260,6 +261,10 @@ public final class ControlServer: @unchecked Sendable {
                 } catch {
                     throw .failed(error.description)
                 }
+            case "powerdown":
+                // QMP's system_powerdown: press the ACPI power button; the guest decides.
+                try run { () throws(MachineError) in try machine.pressPowerButton() }
+                return (Self.success([("state", .string(machine.runState.rawValue))], id: id), nil)
             case "stop":
                 onStop?()
                 return (Self.success([], id: id), { [machine] in machine.finish(.stopped) })
@@ -271,7 +276,7 @@ public final class ControlServer: @unchecked Sendable {
                         throw .failed("\(error)")
                     }
                 }
-                let known = ["info", "pause", "resume", "save", "snapshot", "checkpoint", "stop"] + commands.keys.sorted()
+                let known = ["info", "pause", "resume", "save", "snapshot", "checkpoint", "powerdown", "stop"] + commands.keys.sorted()
                 return (Self.error("CommandNotFound", "unknown command \(verb); known: \(known.joined(separator: ", "))", id: id), nil)
             }
         } catch {
