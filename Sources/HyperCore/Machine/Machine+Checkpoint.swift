@@ -62,6 +62,12 @@ extension Machine {
     /// `commit` runs while the guest is still paused, after the switch: an owner that keeps a
     /// record of which file is current (the VM store's `vm.json`) writes it there, so the guest
     /// never writes a child the record does not name. If it throws, the checkpoint is undone.
+    ///
+    /// Guest RAM is written by a forked child from its copy-on-write view of memory
+    /// (``SnapshotDirectory/begin(_:memory:to:)``), so the pause holds only the vCPU and device
+    /// state, the fork and the disk switch; this returns once the snapshot is complete on disk.
+    /// If writing RAM fails after `commit`, the disks stay switched and the error is thrown: the
+    /// owner's record must then say the checkpoint is incomplete.
     public func checkpoint(to directory: String, childPaths: [String],
                            commit: (CheckpointResult) throws(SnapshotError) -> Void = { _ in }) throws(SnapshotError) -> CheckpointResult {
         let devices = blockDevices
@@ -78,8 +84,12 @@ extension Machine {
         do throws(MachineError) { try pause() } catch { throw .machine(error.description) }
         var created: [String] = []
         var switched: [(index: Int, old: any BlockBackend)] = []
+        var pending: SnapshotDirectory.Pending?
+        var committed = false
         do throws(SnapshotError) {
-            let written = try snapshot(to: directory)
+            // The state now, RAM from a copy-on-write child: the guest resumes without waiting
+            // for guest memory to reach the disk.
+            pending = try beginSnapshot(to: directory)
             var children: [String?] = Array(repeating: nil, count: devices.count)
             for (index, childPath) in zip(writable, childPaths) {
                 guard let parent = devices[index].1.backend as? VHDXImage else { continue }
@@ -95,17 +105,25 @@ extension Machine {
                 switched.append((index, parent))
                 children[index] = childPath
             }
-            try commit(CheckpointResult(written: written, pauseNanoseconds: monotonicNanoseconds() - start, children: children))
+            let paused = monotonicNanoseconds() - start
+            try commit(CheckpointResult(written: SnapshotDirectory.Written(memoryBytes: 0, stateBytes: 0), pauseNanoseconds: paused, children: children))
+            committed = true
             // The parents are read-only from here on (each child holds its own read-only handle).
             for (_, old) in switched { try? old.close() }
-            let end = monotonicNanoseconds()
+            let resumed = monotonicNanoseconds()
             if wasRunning { try? resume() }
-            return CheckpointResult(written: written, pauseNanoseconds: end - start, children: children)
+            let written = try pending!.finish()
+            return CheckpointResult(written: written, pauseNanoseconds: resumed - start, children: children)
         } catch {
-            for (index, old) in switched.reversed() { try? replaceDisk(index, with: old) }
-            for path in created { unlink(path) }
+            // Before the commit, everything is undone; after it (the memory writer failed), the
+            // owner's record says the checkpoint is incomplete and its recovery removes it.
+            pending?.abandon()
+            if !committed {
+                for (index, old) in switched.reversed() { try? replaceDisk(index, with: old) }
+                for path in created { unlink(path) }
+            }
             SnapshotDirectory.removeSnapshotFiles(SnapshotDirectory.normalized(directory))
-            if wasRunning { try? resume() }
+            if wasRunning, runState == .paused { try? resume() }
             throw error
         }
     }
