@@ -79,10 +79,25 @@ extension Machine {
         guard childPaths.count == writable.count else {
             throw .wrongState("\(writable.count) writable disks need \(writable.count) child paths, not \(childPaths.count)")
         }
+        // The children's files are made before the pause (creating a VHDX costs several fsyncs);
+        // each links to its parent's DataWriteGuid as on disk now, which the switch checks below.
+        var created: [String] = []
+        for (index, childPath) in zip(writable, childPaths) {
+            guard let parent = devices[index].1.backend as? VHDXImage else { continue }
+            do throws(VHDXError) {
+                try VHDXImage.create(path: childPath, options: VHDXCreateOptions(type: .differencing, parentPath: parent.path))
+                created.append(childPath)
+            } catch {
+                for path in created { unlink(path) }
+                throw .machine("creating the differencing disk \(childPath): \(error)")
+            }
+        }
         let wasRunning = runState == .running
         let start = monotonicNanoseconds()
-        do throws(MachineError) { try pause() } catch { throw .machine(error.description) }
-        var created: [String] = []
+        do throws(MachineError) { try pause() } catch {
+            for path in created { unlink(path) }
+            throw .machine(error.description)
+        }
         var switched: [(index: Int, old: any BlockBackend)] = []
         var pending: SnapshotDirectory.Pending?
         var committed = false
@@ -95,11 +110,16 @@ extension Machine {
                 guard let parent = devices[index].1.backend as? VHDXImage else { continue }
                 let child: VHDXImage
                 do throws(VHDXError) {
-                    try VHDXImage.create(path: childPath, options: VHDXCreateOptions(type: .differencing, parentPath: parent.path))
-                    created.append(childPath)
-                    child = try VHDXImage(path: childPath)
+                    do throws(VHDXError) { child = try VHDXImage(path: childPath) } catch {
+                        // The guest's writes since the child was made renewed the parent's
+                        // DataWriteGuid (the snapshot's flush wrote it): link to the parent as
+                        // it is now — nothing writes it from here on.
+                        guard case .parent = error else { throw error }
+                        try VHDXImage.reparent(childPath: childPath, to: parent.path)
+                        child = try VHDXImage(path: childPath)
+                    }
                 } catch {
-                    throw .machine("creating the differencing disk \(childPath): \(error)")
+                    throw .machine("opening the differencing disk \(childPath): \(error)")
                 }
                 do throws(MachineError) { try replaceDisk(index, with: child) } catch { throw .machine(error.description) }
                 switched.append((index, parent))
