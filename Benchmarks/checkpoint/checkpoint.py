@@ -27,7 +27,8 @@ def run(cmd, env=None, check=True, timeout=600):
 def steps(log_path):
     try:
         with open(log_path) as log:
-            return [int(line[5:]) for line in log if line.startswith("step=")]
+            # A line may be caught half written: only whole "step=N" lines count.
+            return [int(line[5:]) for line in log if line.startswith("step=") and line[5:].strip().isdigit()]
     except FileNotFoundError:
         return []
 
