@@ -88,7 +88,7 @@ struct VMCreateCommand: ParsableCommand {
     var disks: [DiskOption] = []
     @Option(name: .customLong("new-disk"), help: ArgumentHelp("A new dynamic VHDX of this size inside the VM. Repeatable.", valueName: "size"))
     var newDisks: [ByteCount] = []
-    @Option(name: .customLong("nic"), help: ArgumentHelp("A NIC on SWITCH (recorded; NIC devices come later); mac= gives a static MAC, else one is generated. `none` for no NIC. Repeatable.", valueName: "switch[,mac=MAC]"))
+    @Option(name: .customLong("nic"), help: ArgumentHelp("A NIC on virtual switch SWITCH (see hvrun switch), or `none` for a NIC that is not connected; mac= gives a static MAC, else one is generated. Repeatable.", valueName: "switch[,mac=MAC]"))
     var nics: [String] = []
     @Option(help: ArgumentHelp("What a guest reset does: restart the VM, or stop it.", valueName: "restart|stop"))
     var onReset: String = "restart"
@@ -105,7 +105,7 @@ struct VMCreateCommand: ParsableCommand {
             request.memoryBytes = memory.bytes
             request.disks = disks.map { ($0.path, $0.readOnly) }
             request.newDiskSizes = newDisks.map(\.bytes)
-            for nic in nics where nic != "none" {
+            for nic in nics {
                 let parts = nic.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
                 guard let switchName = parts.first, !switchName.isEmpty else { throw StoreError.invalid("--nic needs a switch name, as in --nic lan or --nic lan,mac=52:54:00:12:34:56") }
                 var mac: MACAddress?
