@@ -46,8 +46,14 @@ struct SwitchHost {
             // IPv6 link-local addresses belong to the interface (the kernel makes them): they stay.
             if family == "inet6" && scope != "global" { continue }
             guard family == "inet" || family == "inet6" else { continue }
+            func lifetime(_ key: String) -> Int64? {
+                guard let value = info[key]?.int64Value, value < 0xFFFF_FFFF else { return nil }
+                return value
+            }
             addresses.append(.init(family: family, local: local, prefixLength: Int(length), broadcast: info["broadcast"]?.stringValue,
-                                   scope: scope, noPrefixRoute: info["noprefixroute"]?.boolValue ?? false))
+                                   scope: scope, noPrefixRoute: info["noprefixroute"]?.boolValue ?? false,
+                                   noDAD: info["nodad"]?.boolValue ?? false,
+                                   validLifetime: lifetime("valid_life_time"), preferredLifetime: lifetime("preferred_life_time")))
         }
         var routes: [VirtualSwitch.SavedRoute] = []
         for family in ["-4", "-6"] {
@@ -78,6 +84,10 @@ struct SwitchHost {
         if let broadcast = address.broadcast { arguments += ["broadcast", broadcast] }
         if let scope = address.scope, scope != "global" { arguments += ["scope", scope] }
         if address.noPrefixRoute { arguments.append("noprefixroute") }
+        if address.noDAD { arguments.append("nodad") }
+        if let valid = address.validLifetime {
+            arguments += ["valid_lft", "\(valid)", "preferred_lft", "\(min(valid, address.preferredLifetime ?? valid))"]
+        }
         try HostCommand.ip(arguments + ["dev", device])
     }
 
@@ -109,6 +119,11 @@ struct SwitchHost {
                 if let mac = link?["address"]?.stringValue { create += ["address", mac] }
                 adapterState = try Self.adapterState(adapter)
                 result.adapterState = adapterState
+            } else {
+                // A fixed MAC: a bridge without one takes the lowest of its ports' MACs, so it
+                // would change whenever a VM's TAP comes or goes (or after a reboot), and the
+                // VMs' ARP caches would point at an address nobody answers to.
+                create += ["address", VirtualSwitch.bridgeMAC(for: switchObject.name).description]
             }
             // No multicast snooping: the bridge would join 224.0.0.106 and send IGMP reports itself.
             create += ["type", "bridge", "mcast_snooping", "0", "stp_state", "0", "forward_delay", "0"]
@@ -206,7 +221,7 @@ struct SwitchHost {
         unlink(log)
         let result = try HostCommand.run("dnsmasq", arguments, outputFile: log)
         guard result.status == 0 else {
-            let said = (try? StoreFiles.read(log)).map { String(decoding: $0, as: UTF8.self).trimmingTrailingNewlines } ?? ""
+            let said = (try? StoreFiles.read(log)).map { String(decoding: $0, as: UTF8.self).split(separator: "\n").joined(separator: "; ") } ?? ""
             throw .host(command: "dnsmasq for switch \(name)", message: "exit status \(result.status): \(said)")
         }
     }

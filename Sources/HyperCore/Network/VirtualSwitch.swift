@@ -123,10 +123,17 @@ public struct VirtualSwitch: Codable, Sendable, Equatable {
         public var broadcast: String?
         public var scope: String?
         public var noPrefixRoute: Bool
+        public var noDAD: Bool
+        /// Seconds left when saved (nil: forever), as a DHCP or SLAAC address has.
+        public var validLifetime: Int64?
+        public var preferredLifetime: Int64?
         enum CodingKeys: String, CodingKey {
             case family, local, broadcast, scope
             case prefixLength = "prefix_length"
             case noPrefixRoute = "noprefixroute"
+            case noDAD = "nodad"
+            case validLifetime = "valid_lft"
+            case preferredLifetime = "preferred_lft"
         }
     }
 
@@ -183,6 +190,14 @@ public struct VirtualSwitch: Codable, Sendable, Equatable {
         }
         let hex = String(hash, radix: 16)
         return "hvsw-" + String(repeating: "0", count: 8 - hex.count) + hex
+    }
+
+    /// The bridge's own MAC on a private or internal switch: locally administered, `02:68:` and
+    /// 4 bytes of FNV-1a(name), the same every time the switch is made.
+    public static func bridgeMAC(for name: String) -> MACAddress {
+        var hash: UInt32 = 0x811C9DC5
+        for byte in Array(name.utf8) { hash = (hash ^ UInt32(byte)) &* 0x0100_0193 }
+        return MACAddress(bytes: [0x02, 0x68, UInt8(hash >> 24), UInt8(hash >> 16 & 0xFF), UInt8(hash >> 8 & 0xFF), UInt8(hash & 0xFF)])!
     }
 
     public func encoded() throws(SwitchError) -> String {
