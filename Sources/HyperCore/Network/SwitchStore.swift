@@ -267,7 +267,8 @@ public struct SwitchStore: Sendable {
     /// `tap` on the bridge through `opener`. The returned port holds the connection.
     public func connect(switch name: String, vm: String, mac: MACAddress, tap: String,
                         opener: any SwitchPortOpener = LocalPortOpener()) throws(SwitchError) -> SwitchPort {
-        try withLock { () throws(SwitchError) -> SwitchPort in
+        _ = try load(name)   // a missing switch is an error before anything is created
+        return try withLock { () throws(SwitchError) -> SwitchPort in
             let switchObject = try ensurePresent(try load(name))
             if let other = ports(of: name).first(where: { MACAddress($0.mac) == mac }) {
                 throw .refused("MAC \(mac) is already on switch \(name), used by VM \(other.vm); VM \(vm) cannot use it too (give one of them another MAC)")
