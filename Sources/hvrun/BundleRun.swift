@@ -32,8 +32,14 @@ struct BundleRun {
         defer { withExtendedLifetime(lock) {} }
         lock.write("\(getpid())\n")
         // Locked: a delete that ran before us has removed vm.json; one after us cannot start.
-        let configuration = try bundle.configuration()
+        var configuration = try bundle.configuration()
         printError("hvrun: VM \(bundle.name) (pid \(getpid())): starting")
+        // Checkpoint work a crash or a stop interrupted is finished before the disks open.
+        if !configuration.pending.isEmpty {
+            printError("hvrun: VM \(bundle.name): finishing interrupted checkpoint work first")
+            try VMCheckpointStore(bundle: bundle).recover()
+            configuration = try bundle.configuration()
+        }
         let nics = try BundleNICs(configuration, store: SwitchStore(root: bundle.storeRoot))
         defer { withExtendedLifetime(nics) {} }
 
@@ -55,6 +61,8 @@ struct BundleRun {
                 throw error
             }
             restoreFrom = nil
+            // Checkpoints taken while it ran moved its disks onto new files: boot again on those.
+            configuration = try bundle.configuration()
             var status = RunCommand.status(for: exit, signal: stop.signal)
             let failures = disks.closeAll()
             for failure in failures { printError("hvrun: \(failure)") }
@@ -76,6 +84,7 @@ struct BundleRun {
             var options = RestoreOptions()
             options.console = console
             options.diskPaths = configuration.disks.map { bundle.activePath(of: $0) }
+            options.diskIdentities = configuration.savedDiskIdentities
             options.expectedCPUCount = configuration.cpus
             options.expectedMemorySize = configuration.memoryBytes
             options.networkBackends = nics.devices.map(\.backend)
@@ -103,6 +112,8 @@ struct BundleRun {
         console.attach(machine.serial)
         let server = try ControlServer(path: bundle.controlSocketPath, machine: machine)
         server.onStop = { stop.requestFromControl() }
+        let checkpoints = BundleCheckpoints(bundle: bundle, machine: machine)
+        checkpoints.install(on: server)
         defer { server.close() }
         do {
             try machine.start()
@@ -115,10 +126,18 @@ struct BundleRun {
             // The guest runs on from here: the saved state is spent (its memory stays mapped privately).
             let spent = bundle.path + "/.saved-spent-\(getpid())"
             if rename(saved, spent) == 0 { try? StoreFiles.removeTree(spent) }
+            if !configuration.savedDiskIdentities.isEmpty {
+                var updated = try bundle.configuration()
+                updated.savedDiskIdentities = []
+                try StoreFiles.writeAtomically(bundle.configurationPath, Array(try updated.encoded().utf8))
+            }
             printError("hvrun: VM \(bundle.name): continued from its saved state")
         }
         let exit = machine.wait()
         server.close()
+        // A background merge stops at its next step once the machine has ended (it works on
+        // this machine's disks, which close next); the rest stays pending for the next start.
+        checkpoints.waitUntilIdle()
         disks.adoptDisks(of: machine)
         return exit
     }

@@ -18,7 +18,8 @@ struct VMCommand: ParsableCommand {
             """,
         subcommands: [VMCreateCommand.self, VMListCommand.self, VMInfoCommand.self, VMStartCommand.self,
                       VMPauseCommand.self, VMResumeCommand.self, VMSaveCommand.self, VMStopCommand.self,
-                      VMDeleteCommand.self, VMLogCommand.self, VMConsoleCommand.self]
+                      VMDeleteCommand.self, VMLogCommand.self, VMConsoleCommand.self, VMCheckpointCommand.self,
+                      VMExportCommand.self, VMImportCommand.self]
     )
 }
 
@@ -105,6 +106,7 @@ struct VMCreateCommand: ParsableCommand {
             request.memoryBytes = memory.bytes
             request.disks = disks.map { ($0.path, $0.readOnly) }
             request.newDiskSizes = newDisks.map(\.bytes)
+            // `none` is a NIC that is not connected (Hyper-V allows one): it has a MAC like any other.
             for nic in nics {
                 let parts = nic.split(separator: ",", omittingEmptySubsequences: false).map(String.init)
                 guard let switchName = parts.first, !switchName.isEmpty else { throw StoreError.invalid("--nic needs a switch name, as in --nic lan or --nic lan,mac=52:54:00:12:34:56") }
@@ -148,7 +150,7 @@ struct VMListCommand: ParsableCommand {
                              ("state", .string(status.state.rawValue)), ("cpus", .number(Int64(configuration.cpus))),
                              ("memory_bytes", .number(Int64(configuration.memoryBytes))),
                              ("uptime_s", status.uptimeSeconds.map { .double(($0 * 1000).rounded() / 1000) } ?? .null),
-                             ("checkpoints", .number(0))])
+                             ("checkpoints", .number(Int64(configuration.checkpoints.count)))])
                 })
                 printOut(array.rendered() + "\n")
                 return
@@ -157,7 +159,7 @@ struct VMListCommand: ParsableCommand {
             for (configuration, status) in rows {
                 lines.append([configuration.name, status.state.rawValue, "\(configuration.cpus)",
                               ByteCount(bytes: configuration.memoryBytes).description,
-                              status.uptimeSeconds.map(formatUptime) ?? "-", "0"])
+                              status.uptimeSeconds.map(formatUptime) ?? "-", "\(configuration.checkpoints.count)"])
             }
             let widths = (0..<6).map { column in lines.map { $0[column].count }.max()! }
             for line in lines {
@@ -205,8 +207,11 @@ struct VMInfoCommand: ParsableCommand {
                     .object([("switch", .string(nic.switch)), ("mac", .string(nic.mac)), ("mac_generated", .bool(nic.macGenerated))])
                 })))
                 members.append(("on_reset", .string(configuration.onReset.rawValue)))
-                members.append(("checkpoints", .array([])))
-                members.append(("current_checkpoint", .null))
+                members.append(("checkpoints", .array(configuration.checkpoints.map { checkpointJSON($0, current: configuration.currentCheckpoint) })))
+                members.append(("current_checkpoint", configuration.currentCheckpoint.map(JSONValue.string) ?? .null))
+                // Checkpoint work recorded but not finished: a running VM's background merge, or
+                // work a crash interrupted (the next command or start finishes it).
+                members.append(("merging", .bool(!configuration.pending.isEmpty)))
                 printOut(JSONValue.object(members).rendered() + "\n")
                 return
             }
@@ -216,6 +221,7 @@ struct VMInfoCommand: ParsableCommand {
             text += "cmdline:   \(configuration.boot.cmdline)\non_reset:  \(configuration.onReset.rawValue)\n"
             for disk in configuration.disks { text += "disk:      \(bundle.activePath(of: disk))\(disk.readonly ? " (readonly)" : "")\n" }
             for nic in configuration.nics { text += "nic:       \(nic.switch) \(nic.mac)\(nic.macGenerated ? " (generated)" : "")\n" }
+            text += "checkpoints: \(configuration.checkpoints.count)\(configuration.pending.isEmpty ? "" : " (merging)")\n"
             printOut(text)
         }
     }
@@ -263,42 +269,66 @@ struct VMSaveCommand: ParsableCommand {
 
 struct VMStopCommand: ParsableCommand {
     static let configuration = CommandConfiguration(
-        commandName: "stop", abstract: "Stop a VM: its machine ends at once (no ACPI shutdown yet), its disks are closed cleanly.",
-        discussion: "There is no ACPI power button yet, so stop ends the machine the way pulling the plug would, with hvrun closing the disks cleanly. --force also kills the VM process (SIGKILL) if it does not end within --timeout.")
+        commandName: "stop", abstract: "Stop a VM: ask the guest to shut down (ACPI power button), then turn it off.",
+        discussion: "Without --force, the VM's ACPI power button is pressed and the guest gets --timeout seconds (default 30) to power off; a guest that has not by then is turned off (its machine ends; hvrun closes the disks cleanly). --force turns it off at once, and kills the VM process (SIGKILL) if it does not answer or end within --timeout.")
     @Argument(help: ArgumentHelp("The VM's name.", valueName: "name")) var name: String
-    @Flag(help: "Kill the VM process (SIGKILL) if it does not end in time, or does not answer.")
+    @Flag(help: "Turn the VM off now, without asking the guest; kill its process if it does not end in time.")
     var force = false
-    @Option(help: ArgumentHelp("Seconds to wait for the VM process to end.", valueName: "seconds"))
+    @Option(help: ArgumentHelp("Seconds the guest gets to shut down (and the process to end).", valueName: "seconds"))
     var timeout: Double = 30
     func run() throws {
         try storeCommand { store in
             let bundle = try store.bundle(named: name)
-            _ = try requireState(store, bundle, [.running, .paused, .starting], for: "stop")
-            let pid = bundle.processID
-            var asked = false
-            // A VM between a guest reset and its reboot has no control socket for a moment: retry a while.
-            let askDeadline = monotonicSeconds() + min(timeout, 5)
-            while !asked {
+            let state = try requireState(store, bundle, [.running, .paused, .starting], for: "stop").state
+            if !force, state == .running {
                 do {
-                    try ControlConnection(path: bundle.controlSocketPath, timeoutSeconds: min(timeout, 5)).execute("stop", timeoutSeconds: min(timeout, 5))
-                    asked = true
+                    try ControlConnection(path: bundle.controlSocketPath, timeoutSeconds: 5).execute("powerdown", timeoutSeconds: 5)
+                    if waitUntilUnlocked(bundle, timeoutSeconds: timeout) {
+                        printOut("VM \(name) shut down\n")
+                        return
+                    }
+                    printError("hvrun: VM \(name) did not shut down within \(timeout) s; turning it off")
                 } catch let error as StoreError {
                     if !FileLock.isHeld(bundle.lockPath) { return }   // it ended meanwhile
-                    if monotonicSeconds() < askDeadline { usleep(50_000); continue }
-                    guard force else {
-                        throw StoreError.failed("VM \(name) does not answer on its control socket (\(error)); hvrun vm stop --force \(name) kills its process")
-                    }
-                    printError("hvrun: VM \(name) does not answer (\(error)); killing its process")
-                    break
+                    printError("hvrun: VM \(name) cannot be asked to shut down (\(error)); turning it off")
                 }
             }
-            if asked, waitUntilUnlocked(bundle, timeoutSeconds: timeout) { return }
-            guard force else {
-                throw StoreError.failed("VM \(name) did not stop within \(timeout) s; hvrun vm stop --force \(name) kills its process")
-            }
-            if let pid, pid > 1 { kill(pid, SIGKILL) }
-            guard waitUntilUnlocked(bundle, timeoutSeconds: 10) else { throw StoreError.failed("VM \(name)'s process \(pid.map(String.init) ?? "?") survived SIGKILL") }
+            try turnOff(bundle, force: force, timeout: timeout)
+            printOut("VM \(name) turned off\n")
         }
+    }
+
+    /// The control socket's `stop` (the machine ends at once; the disks are closed cleanly), with
+    /// retries while a rebooting VM has no socket for a moment; `force` kills a process that
+    /// does not answer or end in time.
+    private func turnOff(_ bundle: VMBundle, force: Bool, timeout: Double) throws {
+        let pid = bundle.processID
+        let askDeadline = monotonicSeconds() + min(timeout, 5)
+        var asked = false
+        var lastError: StoreError?
+        while !asked, monotonicSeconds() < askDeadline {
+            do throws(StoreError) {
+                try ControlConnection(path: bundle.controlSocketPath, timeoutSeconds: min(timeout, 5)).execute("stop", timeoutSeconds: min(timeout, 5))
+                asked = true
+            } catch {
+                if !FileLock.isHeld(bundle.lockPath) { return }   // it ended meanwhile
+                lastError = error
+                usleep(50_000)
+            }
+        }
+        if !asked {
+            let reason = lastError.map { "\($0)" } ?? "no answer"
+            guard force else {
+                throw StoreError.failed("VM \(name) does not answer on its control socket (\(reason)); hvrun vm stop --force \(name) kills its process")
+            }
+            printError("hvrun: VM \(name) does not answer (\(reason)); killing its process")
+        }
+        if asked, waitUntilUnlocked(bundle, timeoutSeconds: timeout) { return }
+        guard force else {
+            throw StoreError.failed("VM \(name) did not stop within \(timeout) s; hvrun vm stop --force \(name) kills its process")
+        }
+        if let pid, pid > 1 { kill(pid, SIGKILL) }
+        guard waitUntilUnlocked(bundle, timeoutSeconds: 10) else { throw StoreError.failed("VM \(name)'s process \(pid.map(String.init) ?? "?") survived SIGKILL") }
     }
 }
 

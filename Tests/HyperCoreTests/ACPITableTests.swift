@@ -43,7 +43,13 @@ struct ACPITableTests {
         let dsdtAddress = fadt.u64(140)
         #expect(UInt64(fadt.u32(40)) == dsdtAddress)
         let dsdt = try Self.table(memory, dsdtAddress)
-        #expect(dsdt.signature == "DSDT" && dsdt.bytes.count == 36 && Self.sumsToZero(dsdt.bytes[...]))
+        #expect(dsdt.signature == "DSDT" && Self.sumsToZero(dsdt.bytes[...]))
+        #expect(dsdtAddress + UInt64(dsdt.bytes.count) <= 0xE0400, "the DSDT ends before the MADT")
+        // The power-off registers: system I/O, byte wide, at the ACPIPower device.
+        for (offset, register) in [(244, ACPIPower.sleepControlOffset), (256, ACPIPower.sleepStatusOffset)] {
+            #expect(fadt[offset] == 1 && fadt[offset + 1] == 8 && fadt[offset + 3] == 1)
+            #expect(fadt.u64(offset + 4) == ACPIPower.port + register)
+        }
 
         let madt = tables[1].bytes
         #expect(madt.u32(36) == 0xFEE0_0000)
@@ -73,5 +79,28 @@ struct ACPITableTests {
         #expect(nmis.count == 1 && nmis.first?.uid == 0xFF && nmis.first?.lint == 1)
         // Everything stays inside the reserved BIOS area.
         #expect(pointers.allSatisfy { $0 >= 0xE0000 && $0 < 0xE0000 + ACPITables.regionSize })
+    }
+
+    /// The DSDT's AML, disassembled by ACPICA's `iasl` (the compiler Linux's own ACPI code comes
+    /// from): it must parse, and say what the power button needs.
+    @Test("the DSDT's AML disassembles with iasl into the power button, its GED and \\_S5")
+    func amlDisassembles() throws {
+        guard TestHost.hasTool("iasl") else {
+            print("skipped: iasl is not installed (apt-get install acpica-tools)")
+            return
+        }
+        let directory = try TemporaryDirectory()
+        let dsdt = try #require(ACPITables.build(cpuCount: 1).first { Array($0.bytes.prefix(4)) == Array("DSDT".utf8) }?.bytes)
+        let path = directory.path + "/dsdt.aml"
+        let file = try DiskFile(creating: path, overwrite: true)
+        try file.write(dsdt, at: 0)
+        let result = try Subprocess.run("/usr/bin/env", ["iasl", "-d", path], timeoutSeconds: 30)
+        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+        let text = String(decoding: fileBytes(directory.path + "/dsdt.dsl"), as: UTF8.self)
+        for needle in ["Name (_S5, Package", "Device (PWRB)", "EisaId (\"PNP0C0C\")", "Device (GED0)", "\"ACPI0013\"",
+                       "Interrupt (ResourceConsumer, Edge, ActiveHigh, Exclusive", "0x00000003",
+                       "OperationRegion (EREG, SystemIO, 0x0602, One)", "Method (_EVT, 1, Serialized)", "Notify (PWRB, 0x80)"] {
+            #expect(text.contains(needle), "missing \(needle) in:\n\(text)")
+        }
     }
 }

@@ -283,7 +283,7 @@ struct VMStoreCLITests {
         #expect(!StoreFiles.exists(store.bundle("web-1").savedPath), "saved/ is removed once the guest runs")
 
         #expect(try store.run(["vm", "start", "web-1"]).status == 0)
-        let stopped = try store.run(["vm", "stop", "web-1"])
+        let stopped = try store.run(["vm", "stop", "web-1", "--force"])
         #expect(stopped.status == 0, "\(stopped.stderr)")
         #expect(try store.state("web-1") == "off")
         #expect(!StoreFiles.exists(store.bundle("web-1").controlSocketPath))
@@ -313,14 +313,14 @@ struct VMStoreCLITests {
         let store = try Store()
         #expect(try store.run(["vm", "create", "r"] + Self.stateful(steps: 2000, ticks: 5)).status == 0)
         #expect(try store.run(["vm", "pause", "r"]).status == 2)
-        #expect(try store.run(["vm", "stop", "r"]).status == 2)
+        #expect(try store.run(["vm", "stop", "r", "--force"]).status == 2)
         #expect(try store.run(["vm", "start", "r"]).status == 0)
         let delete = try store.run(["vm", "delete", "r"])
         #expect(delete.status == 2 && delete.stderr.contains("running"), "\(delete.stderr)")
         let start = try store.run(["vm", "start", "r"])
         #expect(start.status == 2 && start.stderr.contains("running"), "\(start.stderr)")
         #expect(try store.state("r") == "running")
-        #expect(try store.run(["vm", "stop", "r"]).status == 0)
+        #expect(try store.run(["vm", "stop", "r", "--force"]).status == 0)
         #expect(try store.run(["vm", "delete", "r"]).status == 0)
     }
 
@@ -334,7 +334,7 @@ struct VMStoreCLITests {
             let statuses = [first.wait(timeoutSeconds: 60), second.wait(timeoutSeconds: 60)].sorted()
             #expect(statuses == [0, 2], "round \(round): \(first.errors) | \(second.errors)")
             #expect(try store.state("c") == "running")
-            #expect(try store.run(["vm", "stop", "c"]).status == 0)
+            #expect(try store.run(["vm", "stop", "c", "--force"]).status == 0)
         }
         let start = try store.spawn(["vm", "start", "c"])
         let delete = try store.spawn(["vm", "delete", "c"])
@@ -389,7 +389,7 @@ struct VMStoreCLITests {
         let plain = try store.run(["vm", "log", "f"])
         #expect(plain.status == 0 && plain.stdout.contains("stateful steps=2000"))
         #expect(try store.run(["vm", "pause", "f"]).status == 0)
-        #expect(try store.run(["vm", "stop", "f"]).status == 0)
+        #expect(try store.run(["vm", "stop", "f", "--force"]).status == 0)
         #expect(try store.state("f") == "off")
         let help = try store.run(["vm", "--help"])
         #expect(help.status == 0 && help.stdout.contains("create") && help.stdout.contains("console"), "\(help.stdout)")
@@ -455,6 +455,29 @@ struct VMStoreCLITests {
         #expect(try store.state("hung") == "off")
     }
 
+    @Test("stop presses the ACPI power button: a guest that handles it powers off; one that does not is turned off after --timeout",
+          .timeLimit(.minutes(1)))
+    func gracefulStop() throws {
+        let store = try Store()
+        #expect(try store.run(["vm", "create", "pb", "--kernel", try GuestImages.path("powerbtn.elf")]).status == 0)
+        #expect(try store.run(["vm", "start", "pb"]).status == 0)
+        #expect(store.waitFor { store.consoleLog("pb").contains("ready\n") }, "\(store.consoleLog("pb"))")
+        let stopped = try store.run(["vm", "stop", "pb"])
+        #expect(stopped.status == 0 && stopped.stdout.contains("shut down"), "\(stopped.stdout)\(stopped.stderr)")
+        #expect(try store.state("pb") == "off")
+        #expect(store.consoleLog("pb").contains("event=1\npowering off\n"), "\(store.consoleLog("pb"))")
+        let processLog = String(decoding: fileBytes(store.bundle("pb").processLogPath), as: UTF8.self)
+        #expect(processLog.contains("the guest powered off"), "\(processLog)")
+
+        #expect(try store.run(["vm", "create", "deaf"] + Self.stateful(steps: 2000, ticks: 5)).status == 0)
+        #expect(try store.run(["vm", "start", "deaf"]).status == 0)
+        let started = Clock.now
+        let turnedOff = try store.run(["vm", "stop", "deaf", "--timeout", "1"])
+        #expect(turnedOff.status == 0 && turnedOff.stderr.contains("did not shut down within 1"), "\(turnedOff.stderr)")
+        #expect(Clock.now - started >= 1, "it waited for the guest first")
+        #expect(try store.state("deaf") == "off")
+    }
+
     @Test("a saved VM whose disk changed since the save is refused at start and stays saved", .timeLimit(.minutes(1)))
     func savedDiskChanged() throws {
         let store = try Store()
@@ -477,7 +500,7 @@ struct VMStoreCLITests {
         #expect(fresh.status == 0, "\(fresh.stderr)")
         #expect(!StoreFiles.exists(store.bundle("s").savedPath))
         #expect(store.waitFor { store.consoleLog("s").components("stateful steps=") == 2 }, "booted afresh: \(store.consoleLog("s"))")
-        #expect(try store.run(["vm", "stop", "s"]).status == 0)
+        #expect(try store.run(["vm", "stop", "s", "--force"]).status == 0)
     }
 
     @Test("generated MACs are unique in the store and locally administered unicast; static ones are kept")
@@ -502,9 +525,9 @@ struct VMStoreCLITests {
         let info = try JSONValue.parse(try store.run(["vm", "info", "s", "--json"]).stdout)
         #expect(info["nics"]?[0]?["mac"]?.stringValue == "52:54:00:aa:bb:cc" && info["nics"]?[0]?["mac_generated"] == .bool(false))
         #expect(try store.run(["vm", "create", "n", "--kernel", kernel, "--nic", "none"]).status == 0)
-        // `none` records a NIC that is not connected (link down in the guest).
-        let none = try JSONValue.parse(try store.run(["vm", "info", "n", "--json"]).stdout)["nics"]
-        #expect(none?[0]?["switch"]?.stringValue == "none" && none?[1] == nil, "\(none?.rendered() ?? "")")
+        let unconnected = try JSONValue.parse(try store.run(["vm", "info", "n", "--json"]).stdout)["nics"]
+        #expect(unconnected?.arrayValue?.count == 1 && unconnected?[0]?["switch"]?.stringValue == "none"
+                && unconnected?[0]?["mac_generated"] == .bool(true), "--nic none is a NIC that is not connected")
         #expect(try store.run(["vm", "create", "b", "--kernel", kernel, "--nic", "lan,mac=01:00:5e:00:00:01"]).status == 1, "multicast refused")
     }
 
@@ -517,7 +540,7 @@ struct VMStoreCLITests {
         #expect(store.waitFor { store.consoleLog("again").components("resetting\n") >= 3 }, "\(store.consoleLog("again"))")
         #expect(try ["running", "starting"].contains(store.state("again")))
         // Plain stop: the VM is at times between a reset and its reboot, with no control socket.
-        let stopped = try store.run(["vm", "stop", "again"])
+        let stopped = try store.run(["vm", "stop", "again", "--force"])
         #expect(stopped.status == 0, "\(stopped.stderr)")
         #expect(try store.state("again") == "off")
 
@@ -658,7 +681,7 @@ struct VMConsoleTests {
         #expect(second.waitFor("step="), "\(second.text)")
         kill(taker, SIGKILL)
         _ = Self.wait(taker)
-        #expect(try store.run(["vm", "stop", "d"]).status == 0)
+        #expect(try store.run(["vm", "stop", "d", "--force"]).status == 0)
     }
 }
 

@@ -1,9 +1,11 @@
-/// A minimal set of ACPI tables: RSDP → XSDT → FADT (hardware-reduced) + MADT, and an empty DSDT.
+/// A minimal set of ACPI tables: RSDP → XSDT → FADT (hardware-reduced) + MADT, and a DSDT with
+/// the power button (see ``ACPIPower``).
 ///
 /// Kernels built without `CONFIG_X86_MPPARSE` (Debian's among them) learn their CPUs and IOAPIC
 /// only from the MADT, so without these tables they boot one CPU whatever `--cpus` says. The
 /// FADT declares a hardware-reduced platform (no PM timer, SCI or fixed-feature registers, as
-/// Firecracker does) with an i8042 present, and the DSDT holds no AML. The tables live in the
+/// Firecracker does) with an i8042 present and sleep control/status registers, and the DSDT holds the
+/// power button, its Generic Event Device and `\_S5`. The tables live in the
 /// BIOS area at 0xE0000, which the e820 map reports as reserved; the RSDP is found there by the
 /// kernel's legacy scan, through `hvm_start_info.rsdp_paddr` (PVH) or `boot_params.acpi_rsdp_addr`
 /// (bzImage, protocol 2.14+).
@@ -26,7 +28,7 @@ public enum ACPITables {
             (rsdpAddress, rsdp()),
             (xsdtAddress, xsdt(entries: [fadtAddress, madtAddress])),
             (fadtAddress, fadt()),
-            (dsdtAddress, table(signature: "DSDT", revision: 2, body: [])),
+            (dsdtAddress, table(signature: "DSDT", revision: 2, body: dsdtBody())),
             (madtAddress, madt(cpuCount: cpuCount)),
         ]
     }
@@ -72,9 +74,41 @@ public enum ACPITables {
         // HW_REDUCED_ACPI (20).
         put(UInt32((1 << 0) | (1 << 4) | (1 << 5) | (1 << 20)), 112)
         put(UInt8(1), 131)                           // FADT minor version (6.1)
+        // SLEEP_CONTROL_REG and SLEEP_STATUS_REG: a hardware-reduced platform's way to power off
+        // (the ACPIPower device), as Generic Address Structures in system I/O space, byte access.
+        for (offset, register) in [(244, ACPIPower.sleepControlOffset), (256, ACPIPower.sleepStatusOffset)] {
+            put(UInt8(1), offset)                    // address space: system I/O
+            put(UInt8(8), offset + 1)                // register bit width
+            put(UInt8(0), offset + 2)                // bit offset
+            put(UInt8(1), offset + 3)                // access size: byte
+            put(ACPIPower.port + register, offset + 4)
+        }
         put(dsdtAddress, 140)                        // X_DSDT
         body.replaceSubrange((268 - 36)..<(276 - 36), with: Array("HYPRCORE".utf8)) // hypervisor vendor identity
         return table(signature: "FACP", revision: 6, body: body)
+    }
+
+    /// The DSDT's AML: `\_S5` (soft off: SLP_TYP 5), the power button `\_SB.PWRB` (PNP0C0C), and
+    /// the Generic Event Device `\_SB.GED0` (ACPI0013) whose edge interrupt on ``ACPIPower/gsi``
+    /// runs `_EVT`: read the event register (reading clears it), and on bit 0 notify the power
+    /// button (0x80: "pressed"). See ``ACPIPower``.
+    static func dsdtBody() -> [UInt8] {
+        let eventPort = ACPIPower.port + ACPIPower.eventOffset
+        return AML.nameTerm("_S5", AML.packageTerm([AML.integer(UInt64(ACPIPower.softOffType)), AML.integer(0)]))
+            + AML.scope([0x5C] + AML.name("_SB"), [
+                AML.device("PWRB", [AML.nameTerm("_HID", AML.eisaID("PNP0C0C"))]),
+                AML.device("GED0", [
+                    AML.nameTerm("_HID", AML.string("ACPI0013")),
+                    AML.nameTerm("_UID", AML.integer(0)),
+                    AML.nameTerm("_CRS", AML.edgeInterruptResource(gsi: ACPIPower.gsi)),
+                    AML.systemIORegion("EREG", port: eventPort, length: 1),
+                    AML.byteField(region: "EREG", field: "EVT"),
+                    AML.method("_EVT", arguments: 1, [
+                        AML.storeToLocal0(AML.name("EVT")),
+                        AML.ifLocal0Has(UInt64(ACPIPower.powerButtonEvent), [AML.notify("PWRB", 0x80)]),
+                    ]),
+                ]),
+            ])
     }
 
     /// MADT: one enabled LAPIC per vCPU (processor UID = APIC ID = vCPU index), the IOAPIC at

@@ -14,7 +14,8 @@ internal import Glibc
 ///   connection stays usable.
 /// - Verbs: `info`, `pause`, `resume`, `save` `{"path":DIR}` (pause, write the snapshot durably,
 ///   reply, then end the run as ``MachineExit/saved(_:)``), `snapshot` `{"path":DIR}` (the same,
-///   staying paused), `stop` (reply, then end the run).
+///   staying paused), `powerdown` (press the ACPI power button: the guest decides), `stop` (reply,
+///   then end the run).
 ///
 /// One dedicated thread serves every client with `poll`, so a slow or silent client delays no
 /// one, and a client that disconnects mid-request does not disturb the machine. The socket is
@@ -30,6 +31,10 @@ public final class ControlServer: @unchecked Sendable {
     /// lets an owner that restarts machines (a VM that reboots on reset) know the user wants it
     /// off, even if the guest's own reset ends this run first.
     public var onStop: (@Sendable () -> Void)?
+    /// Verbs an owner adds (set before ``start()``): each gets the request's `arguments` and
+    /// returns the reply's members, or throws ``ControlError/failed(_:)`` with the error to send.
+    /// The VM store's process adds the checkpoint verbs this way, which need its `vm.json`.
+    public var commands: [String: @Sendable (JSONValue) throws -> [(String, JSONValue)]] = [:]
     static let maximumLine = 64 << 10
     static let maximumClients = 16
 
@@ -256,13 +261,26 @@ public final class ControlServer: @unchecked Sendable {
                 } catch {
                     throw .failed(error.description)
                 }
+            case "powerdown":
+                // QMP's system_powerdown: press the ACPI power button; the guest decides.
+                try run { () throws(MachineError) in try machine.pressPowerButton() }
+                return (Self.success([("state", .string(machine.runState.rawValue))], id: id), nil)
             case "stop":
                 onStop?()
                 return (Self.success([], id: id), { [machine] in machine.finish(.stopped) })
             default:
-                return (Self.error("CommandNotFound", "unknown command \(verb); known: info, pause, resume, save, snapshot, checkpoint, stop", id: id), nil)
+                if let command = commands[verb] {
+                    do { return (Self.success(try command(arguments), id: id), nil) } catch let error as ControlError {
+                        throw error
+                    } catch {
+                        throw .failed("\(error)")
+                    }
+                }
+                let known = ["info", "pause", "resume", "save", "snapshot", "checkpoint", "powerdown", "stop"] + commands.keys.sorted()
+                return (Self.error("CommandNotFound", "unknown command \(verb); known: \(known.joined(separator: ", "))", id: id), nil)
             }
         } catch {
+            if case .refused = error { return (Self.error("Refused", error.description, id: id), nil) }
             return (Self.error("GenericError", error.description, id: id), nil)
         }
     }
@@ -305,6 +323,8 @@ public enum ControlError: Error, Sendable, CustomStringConvertible {
     case pathTooLong(path: String)
     case system(path: String, operation: String, errno: Int32)
     case failed(String)
+    /// The machine's state refuses it (sent with error class `Refused`: `hvrun vm` exits 2).
+    case refused(String)
 
     public var description: String {
         switch self {
@@ -312,7 +332,7 @@ public enum ControlError: Error, Sendable, CustomStringConvertible {
         case let .inUse(path): "\(path) is the control socket of a running hvrun; choose another --control path"
         case let .pathTooLong(path): "\(path) is longer than a Unix socket path may be (107 bytes)"
         case let .system(path, operation, errno): "control socket \(path): \(operation) failed: \(SystemError.describe(errno))"
-        case let .failed(message): message
+        case let .failed(message), let .refused(message): message
         }
     }
 }

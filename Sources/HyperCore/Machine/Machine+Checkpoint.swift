@@ -34,6 +34,22 @@ extension Machine {
         try core.lock.withLock { () throws(MachineError) in try device.replaceBackend(backend) }
     }
 
+    /// Runs `body` on block device `index`'s disk while no request is in flight (the device's
+    /// queues wait; the vCPUs run on), and puts the disk `body` returns behind the device. For an
+    /// owner that must close, change and reopen the file the guest writes — re-pointing it at a
+    /// new parent after a merge — or move the guest onto a new differencing child. When `body`
+    /// throws, the device keeps its disk.
+    public func exchangeDisk(_ index: Int, _ body: (any BlockBackend) throws(MachineError) -> any BlockBackend) throws(MachineError) {
+        let devices = blockDevices
+        guard devices.indices.contains(index) else {
+            throw .invalidConfiguration("there is no disk \(index); this machine has \(devices.count)")
+        }
+        let (core, device) = devices[index]
+        try core.lock.withLock { () throws(MachineError) in
+            try device.replaceBackend(try body(device.backend))
+        }
+    }
+
     /// A checkpoint in Hyper-V's sense, in one short pause: the machine's complete state goes to
     /// `directory` (a snapshot whose disks are the files written so far), then every writable disk
     /// continues on a new differencing VHDX at `childPaths[i]` whose parent is that file, so the
@@ -42,7 +58,12 @@ extension Machine {
     /// Raw disks are refused (a raw file cannot have a differencing child): convert them first.
     /// On failure nothing is switched, created children are removed, and a running machine runs on.
     @discardableResult
-    public func checkpoint(to directory: String, childPaths: [String]) throws(SnapshotError) -> CheckpointResult {
+    ///
+    /// `commit` runs while the guest is still paused, after the switch: an owner that keeps a
+    /// record of which file is current (the VM store's `vm.json`) writes it there, so the guest
+    /// never writes a child the record does not name. If it throws, the checkpoint is undone.
+    public func checkpoint(to directory: String, childPaths: [String],
+                           commit: (CheckpointResult) throws(SnapshotError) -> Void = { _ in }) throws(SnapshotError) -> CheckpointResult {
         let devices = blockDevices
         let writable = devices.enumerated().filter { !$0.element.1.backend.isReadOnly }.map(\.offset)
         for index in writable where !(devices[index].1.backend is VHDXImage) {
@@ -74,6 +95,7 @@ extension Machine {
                 switched.append((index, parent))
                 children[index] = childPath
             }
+            try commit(CheckpointResult(written: written, pauseNanoseconds: monotonicNanoseconds() - start, children: children))
             // The parents are read-only from here on (each child holds its own read-only handle).
             for (_, old) in switched { try? old.close() }
             let end = monotonicNanoseconds()

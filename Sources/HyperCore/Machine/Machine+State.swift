@@ -66,6 +66,10 @@ public struct RestoreOptions: Sendable {
     /// New paths for the snapshot's disks, in the snapshot's disk order (nil: keep). Each must
     /// still be the same disk (see ``DiskIdentity``).
     public var diskPaths: [String?] = []
+    /// What each disk must be now, in the snapshot's disk order (nil: what the snapshot recorded).
+    /// For an owner that changed a disk's file without changing what it reads — the VM store,
+    /// after merging a checkpoint's differencing disk into its parent — and knows the new identity.
+    public var diskIdentities: [DiskIdentity?] = []
     /// Backends for the snapshot's NICs, in order (nil: reopen the saved TAP by name, or stay
     /// disconnected when it was).
     public var networkBackends: [NetworkBackend?] = []
@@ -304,10 +308,8 @@ extension Machine {
         var paths: [String] = []
         for (index, disk) in disks.enumerated() {
             let path = (index < options.diskPaths.count ? options.diskPaths[index] : nil) ?? disk.path
-            let current = try DiskIdentity.current(path: path)
-            guard current == disk.identity else {
-                throw .diskChanged(path: path, detail: "has changed since the snapshot was taken (now: \(current); the snapshot expects: \(disk.identity))")
-            }
+            let expected = (index < options.diskIdentities.count ? options.diskIdentities[index] : nil) ?? disk.identity
+            try DiskIdentity.verify(path: path, readsAs: expected)
             paths.append(path)
         }
         let memory: GuestMemory

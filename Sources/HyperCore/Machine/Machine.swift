@@ -29,6 +29,8 @@ public final class Machine: Sendable {
     public let mmioBus: Bus
     /// COM1.
     public let serial: Serial16550
+    /// The ACPI power button and soft-off registers (nil when the machine has no ACPI tables).
+    public let acpiPower: ACPIPower?
     /// What the boot vCPU starts from; nil for a machine restored from a snapshot.
     public let bootState: BootState?
     /// The virtio devices' transport-independent state, in configuration order.
@@ -87,12 +89,18 @@ public final class Machine: Sendable {
         let interrupt: any InterruptLine = configuration.inKernelIRQChip ? IRQChipLine(vm: vm, gsi: 4) : RecordingLine()
         serial = Serial16550(output: configuration.bootTimer.map { $0.watching(configuration.console) } ?? configuration.console,
                              interrupt: interrupt)
+        // The ACPI tables describe it (power button, soft off): it exists exactly when they do.
+        acpiPower = configuration.acpi
+            ? ACPIPower(interrupt: configuration.inKernelIRQChip ? IRQChipLine(vm: vm, gsi: ACPIPower.gsi) : RecordingLine(),
+                        onPowerOff: { lifecycle.finish(.powerOff) })
+            : nil
         var ports = BusBuilder(name: "port I/O")
         var mmio = BusBuilder(name: "MMIO")
         do {
             try ports.register(serial, at: 0x3F8, size: 8)
             try ports.register(I8042(onReset: { lifecycle.finish(.reset) }), at: 0x60, size: 5)
             try ports.register(DebugExit(onExit: { lifecycle.finish(.debugExit($0)) }), at: DebugExit.defaultPort, size: 2)
+            if let acpiPower { try ports.register(acpiPower, at: ACPIPower.port, size: ACPIPower.size) }
             try PlatformDevices.register(ports: &ports, mmio: &mmio, configuration: configuration)
             for mapping in configuration.portDevices {
                 try ports.register(mapping.device, at: mapping.base, size: mapping.size)
@@ -192,6 +200,17 @@ public final class Machine: Sendable {
     }
 
     /// Ends the run with `reason` (when it has not ended already) and stops the vCPUs.
+    /// Presses the ACPI power button: a guest OS that handles it shuts down and powers off
+    /// (``MachineExit/powerOff``); one that does not goes on running. Throws when the machine has
+    /// no ACPI tables, so no power button, or is not running.
+    public func pressPowerButton() throws(MachineError) {
+        guard let acpiPower else { throw .invalidConfiguration("this machine has no ACPI tables, so no power button") }
+        guard runState == .running || runState == .paused else {
+            throw .invalidConfiguration("the machine is \(runState.rawValue): there is nothing to shut down")
+        }
+        acpiPower.pressPowerButton()
+    }
+
     public func finish(_ reason: MachineExit) {
         lifecycle.finish(reason)
     }

@@ -246,7 +246,6 @@ struct SwitchHost {
 }
 
 extension JSONValue {
-    var arrayValue: [JSONValue]? { if case let .array(values) = self { values } else { nil } }
     func element(_ index: Int) -> JSONValue? {
         if case let .array(values) = self, values.indices.contains(index) { return values[index] }
         return nil

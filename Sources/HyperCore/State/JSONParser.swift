@@ -42,6 +42,7 @@ extension JSONValue {
 
     public var stringValue: String? { if case let .string(value) = self { value } else { nil } }
     public var boolValue: Bool? { if case let .bool(value) = self { value } else { nil } }
+    public var arrayValue: [JSONValue]? { if case let .array(value) = self { value } else { nil } }
     public var int64Value: Int64? {
         switch self {
         case let .number(value): value

@@ -114,6 +114,26 @@ public struct DiskIdentity: Codable, Sendable, Equatable, CustomStringConvertibl
         }
     }
 
+    /// Checks that the disk at `path` reads exactly as the disk `expected` identifies: it is that
+    /// disk, or a differencing child holding no data yet (at any depth) whose chain reaches it —
+    /// what a checkpoint applied to a VM puts in place. Throws ``SnapshotError/diskChanged(path:detail:)``
+    /// naming both identities otherwise.
+    public static func verify(path: String, readsAs expected: DiskIdentity) throws(SnapshotError) {
+        let current = try current(path: path)
+        if current == expected { return }
+        if current.format == "vhdx", let image = try? VHDXImage(path: path, options: .init(readOnly: true)) {
+            var link: VHDXImage? = image
+            while let disk = link, disk.isDifferencing, disk.allocatedBytes == 0, let parent = disk.parent {
+                if DiskIdentity(format: "vhdx", virtualSize: parent.virtualSize, dataWriteGuid: parent.dataWriteGuid.braced) == expected,
+                   parent.virtualSize == image.virtualSize {
+                    return
+                }
+                link = parent
+            }
+        }
+        throw .diskChanged(path: path, detail: "has changed since the snapshot was taken (now: \(current); the snapshot expects: \(expected))")
+    }
+
     static func modificationTime(_ path: String) throws(SnapshotError) -> Int64 {
         var info = stat()
         guard stat(path, &info) == 0 else { throw .io(path: path, operation: "stat", errno: errno) }

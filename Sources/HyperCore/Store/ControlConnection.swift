@@ -38,6 +38,7 @@ public final class ControlConnection {
         }
         let reply = try readReply(timeoutSeconds: timeoutSeconds)
         if let result = reply["return"] { return result }
+        if reply["error"]?["class"]?.stringValue == "Refused" { throw .refused(reply["error"]?["desc"]?.stringValue ?? "refused") }
         throw .failed(reply["error"]?["desc"]?.stringValue ?? "unexpected reply \(reply.rendered())")
     }
 

@@ -11,6 +11,8 @@ public enum StoreError: Error, Sendable, Equatable, CustomStringConvertible {
     case system(operation: String, path: String, errno: Int32)
     /// Anything else, already phrased for the user.
     case failed(String)
+    /// Stopped on request between two steps; the rest stays pending (``VMCheckpointStore/recover()``).
+    case interrupted
 
     public var exitStatus: Int32 {
         if case .refused = self { return 2 }
@@ -21,6 +23,7 @@ public enum StoreError: Error, Sendable, Equatable, CustomStringConvertible {
         switch self {
         case let .invalid(message), let .refused(message), let .failed(message): message
         case let .notFound(name): "no VM named \(name) (hvrun vm list shows the VMs)"
+        case .interrupted: "interrupted; the rest of the work is finished by the next command or start"
         case let .system(operation, path, errno): "\(path): \(operation) failed: \(SystemError.describe(errno))"
         }
     }

@@ -71,25 +71,59 @@ public enum StoreFiles {
         if fd >= 0 { fsync(fd); close(fd) }
     }
 
-    /// Copies a regular file (a kernel, an initrd) byte for byte.
+    /// Copies a regular file byte for byte into a new file (`O_EXCL`), durably: holes stay holes
+    /// (`SEEK_DATA`/`SEEK_HOLE`: a sparse memory file or VHDX stays sparse), and the modification
+    /// time is kept (a raw disk's snapshot identity includes it).
     public static func copy(_ source: String, to destination: String) throws(StoreError) {
         let input = open(source, O_RDONLY | O_CLOEXEC)
         guard input >= 0 else { throw .system(operation: "open", path: source, errno: errno) }
         defer { close(input) }
+        var info = stat()
+        guard fstat(input, &info) == 0 else { throw .system(operation: "stat", path: source, errno: errno) }
         let output = open(destination, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o644)
         guard output >= 0 else { throw .system(operation: "create", path: destination, errno: errno) }
         defer { close(output) }
+        let size = Int64(info.st_size)
         var buffer = [UInt8](repeating: 0, count: 1 << 20)
-        while true {
-            let count = buffer.withUnsafeMutableBytes { Glibc.read(input, $0.baseAddress, $0.count) }
-            if count < 0 {
-                if errno == EINTR { continue }
-                throw .system(operation: "read", path: source, errno: errno)
+        var position: Int64 = 0
+        while position < size {
+            let data = lseek(input, off_t(position), 3 /* SEEK_DATA */)
+            if data < 0 { if errno == ENXIO { break } else { throw .system(operation: "lseek(SEEK_DATA)", path: source, errno: errno) } }
+            let hole = min(Int64(lseek(input, data, 4 /* SEEK_HOLE */)), size)
+            var at = Int64(data)
+            while at < hole {
+                let want = Int(min(Int64(buffer.count), hole - at))
+                let count = buffer.withUnsafeMutableBytes { pread(input, $0.baseAddress, want, off_t(at)) }
+                if count < 0 {
+                    if errno == EINTR { continue }
+                    throw .system(operation: "read", path: source, errno: errno)
+                }
+                if count == 0 { break }
+                var done = 0
+                while done < count {
+                    let written = buffer.withUnsafeBytes { pwrite(output, $0.baseAddress! + done, count - done, off_t(at) + off_t(done)) }
+                    if written < 0 {
+                        if errno == EINTR { continue }
+                        throw .system(operation: "write", path: destination, errno: errno)
+                    }
+                    done += written
+                }
+                at += Int64(count)
             }
-            if count == 0 { break }
-            try writeAll(output, Array(buffer[0..<count]), path: destination)
+            position = hole
         }
+        guard ftruncate(output, off_t(size)) == 0 else { throw .system(operation: "ftruncate", path: destination, errno: errno) }
+        var times = [info.st_atim, info.st_mtim]
+        _ = futimens(output, &times)
         guard fsync(output) == 0 else { throw .system(operation: "fsync", path: destination, errno: errno) }
+    }
+
+    /// Copies a directory tree (regular files and directories only) into the new `destination`.
+    public static func copyTree(_ source: String, to destination: String) throws(StoreError) {
+        guard isDirectory(source) else { try copy(source, to: destination); return }
+        guard mkdir(destination, 0o755) == 0 else { throw .system(operation: "mkdir", path: destination, errno: errno) }
+        for name in list(source) { try copyTree(source + "/" + name, to: destination + "/" + name) }
+        syncDirectory(of: destination + "/x")
     }
 
     /// Creates each missing directory of `path` (mode 0755).
@@ -136,6 +170,21 @@ public enum StoreFiles {
         var relative = Substring(path)
         while relative.hasPrefix("./") { relative = relative.dropFirst(2) }
         return (cwd == "/" ? "" : cwd) + "/" + relative
+    }
+
+    /// `path` absolute with every symbolic link, `.` and `..` resolved (`realpath`); when it does
+    /// not exist, its directory resolved and the name kept; else just made absolute.
+    public static func canonical(_ path: String) -> String {
+        let full = absolute(path)
+        if let resolved = realpath(full, nil) {
+            defer { free(resolved) }
+            return String(cString: resolved)
+        }
+        guard let slash = full.lastIndex(of: "/"), slash != full.startIndex else { return full }
+        let directory = String(full[..<slash])
+        guard let resolved = realpath(directory, nil) else { return full }
+        defer { free(resolved) }
+        return String(cString: resolved) + String(full[slash...])
     }
 
     /// The file's size in bytes, or nil.

@@ -29,8 +29,8 @@ public struct VMBundle: Sendable {
     }
 
     public func file(_ relative: String) -> String { relative.hasPrefix("/") ? relative : path + "/" + relative }
-    /// Where a disk's data is: its own path if absolute, else inside the bundle.
-    public func activePath(of disk: VMConfiguration.Disk) -> String { file(disk.path) }
+    /// The file the VM uses for `disk` now (after a checkpoint, the newest AVHDX), as a host path.
+    public func activePath(of disk: VMConfiguration.Disk) -> String { file(disk.activeFile) }
 
     /// The pid the running VM's process wrote into the lock file (nil when none holds it).
     public var processID: Int32? {

@@ -280,16 +280,52 @@ extension VHDXImage {
     /// Sets `parent_linkage2` in this child's parent locator, through the log. The item is rewritten
     /// in place when it still fits, otherwise after the last item of the metadata region.
     func setParentLinkage2(_ guid: GUID) throws(VHDXError) {
-        try lock.withLock { () throws(VHDXError) in
-            guard var locator = metadata.parentLocator,
-                  let index = metadata.entries.firstIndex(where: { $0.itemID == VHDXMetadata.parentLocatorID && !$0.isUser }) else {
-                throw .invalidArgument("\(path) has no parent locator")
-            }
+        try rewriteParentLocator { locator in
             if let k = locator.entries.firstIndex(where: { $0.key == "parent_linkage2" }) {
                 locator.entries[k].value = guid.braced
             } else {
                 locator.entries.append(("parent_linkage2", guid.braced))
             }
+        }
+    }
+
+    /// Points the differencing disk at `childPath` to a new parent, `parentPath`, which must read
+    /// exactly as its old parent does (the old parent merged into it, or a copy of it elsewhere):
+    /// the locator's paths and `parent_linkage` become the new parent's, `parent_linkage2` goes.
+    /// One logged metadata write, so a crash leaves the old locator or the new one.
+    public static func reparent(childPath: String, to parentPath: String) throws(VHDXError) {
+        let parent = try VHDXImage(path: parentPath, options: OpenOptions(readOnly: true))
+        let guid = parent.dataWriteGuid
+        guard parent.virtualSize > 0 else { throw .invalidArgument("\(parentPath) is empty") }
+        try? parent.close()
+        let child = try VHDXImage(path: childPath, options: OpenOptions(readOnly: false, openParents: false))
+        guard child.metadata.hasParent else { throw .invalidArgument("\(childPath) is not a differencing disk") }
+        let childAbsolute = ParentResolver.absolute(childPath), parentAbsolute = ParentResolver.absolute(parentPath)
+        let relative = ParentResolver.relative(parentAbsolute, from: ParentResolver.directory(of: childAbsolute))
+        do throws(VHDXError) {
+            try child.rewriteParentLocator { locator in
+                var entries = locator.entries.filter { !["parent_linkage", "parent_linkage2", "relative_path", "absolute_win32_path"].contains($0.key) }
+                entries.insert(contentsOf: [("parent_linkage", guid.braced),
+                                            ("relative_path", ParentResolver.windowsPath(relative)),
+                                            ("absolute_win32_path", ParentResolver.windowsPath(parentAbsolute))], at: 0)
+                locator.entries = entries
+            }
+        } catch {
+            child.abandon()
+            throw error
+        }
+        try child.close()
+    }
+
+    /// Rewrites the parent locator item through the log: in place when it still fits, otherwise
+    /// after the last item of the metadata region.
+    func rewriteParentLocator(_ change: (inout ParentLocator) -> Void) throws(VHDXError) {
+        try lock.withLock { () throws(VHDXError) in
+            guard var locator = metadata.parentLocator,
+                  let index = metadata.entries.firstIndex(where: { $0.itemID == VHDXMetadata.parentLocatorID && !$0.isUser }) else {
+                throw .invalidArgument("\(path) has no parent locator")
+            }
+            change(&locator)
             let item = locator.encode()
             var entry = metadata.entries[index]
             let region = regions.metadata!
