@@ -12,6 +12,11 @@
  *   interval milliseconds (about: TSC at ~2.5 GHz) between pings (default 0:
  *            the next ping goes out when the reply arrives)
  *   udp      then send N UDP datagrams (port 9, discard) and print `udp_sent=N`
+ *            and `udp_cycles=T` (TSC cycles for the burst)
+ *   size     UDP payload bytes of those datagrams (default 64, at most 1472:
+ *            1472 makes 1500-byte IP packets, 1514-byte frames)
+ *   sink     then count UDP datagrams to port 9 until N arrived or none came
+ *            for 3 s; print `udp_received=K` and `udp_rx_cycles=T` (first to last)
  *   answer   then keep answering until N echo requests were answered
  *            (`answered=N`), so the host can ping the guest
  * Prints `mac=…`, `mtu=…` and `link=up|down` first; with the link down it
@@ -37,6 +42,7 @@ static u8 peer_mac[6];
 static int peer_known;
 static u16 ping_id = 0x4843, last_reply;
 static u64 answered, merged;
+static u64 sunk, sink_first, sink_last;
 
 static int cmdline_ip(const char *cmdline, const char *key, u32 *ip)
 {
@@ -237,6 +243,12 @@ static void handle(const u8 *f, int len)
 	u32 total = get16(ip + 2);
 	if ((ip[0] >> 4) != 4 || ihl < 20 || total < ihl + 8 || 14 + total > (u32)len)
 		return;
+	if (ip[9] == 17 && get16(ip + ihl + 2) == 9 && get32(ip + 16) == my_ip) {
+		u64 now = rdtsc();
+		if (!sunk++) sink_first = now;
+		sink_last = now;
+		return;
+	}
 	if (ip[9] == 17 && get16(ip + ihl + 2) == 68) {
 		dhcp_reply(ip + ihl + 8, total - ihl - 8);
 		return;
@@ -316,7 +328,11 @@ void guest_main(struct hvm_start_info *si)
 {
 	uart_init();
 	const char *cmdline = pvh_cmdline(si);
-	u64 use_mmio = 0, count = 3, udp = 0, interval = 0;
+	u64 use_mmio = 0, count = 3, udp = 0, interval = 0, size = 64, sink = 0;
+	cmdline_uint(cmdline, "size", &size);
+	cmdline_uint(cmdline, "sink", &sink);
+	if (size < 1) size = 1;
+	if (size > 1472) size = 1472;
 	cmdline_uint(cmdline, "mmio", &use_mmio);
 	cmdline_uint(cmdline, "count", &count);
 	cmdline_uint(cmdline, "udp", &udp);
@@ -365,21 +381,37 @@ void guest_main(struct hvm_start_info *si)
 	}
 	printf("pings_ok=%lu\n", ok);
 	if (udp && peer_known) {
-		u64 sent = 0;
+		u64 sent = 0, start = rdtsc();
 		for (u64 i = 0; i < udp; i++) {
 			u8 *u = out + 34;
 			put16(u, 40000);
 			put16(u + 2, 9);
-			put16(u + 4, 8 + 64);
+			put16(u + 4, (u16)(8 + size));
 			put16(u + 6, 0);	/* no UDP checksum (allowed on IPv4) */
-			for (int b = 0; b < 64; b++) u[8 + b] = (u8)i;
-			ip_send(peer_mac, peer_ip, 17, 8 + 64);
+			u[8] = (u8)i;
+			ip_send(peer_mac, peer_ip, 17, (u32)(8 + size));
 			sent++;
 			u16 nb;
 			int len = vnet_recv(&net, frame, sizeof frame, &nb);
 			if (len >= 0) handle(frame, len);
 		}
 		printf("udp_sent=%lu\n", sent);
+		printf("udp_cycles=%lu\n", rdtsc() - start);
+	}
+	if (sink) {
+		printf("sink_ready\n");
+		u64 idle_since = rdtsc(), seen = 0;
+		while (sunk < sink && rdtsc() - idle_since < 3000 * TSC_PER_MS) {
+			u16 nb;
+			int len = vnet_recv(&net, frame, sizeof frame, &nb);
+			if (len >= 0) handle(frame, len);
+			if (sunk != seen) {
+				seen = sunk;
+				idle_since = rdtsc();
+			}
+		}
+		printf("udp_received=%lu\n", sunk);
+		printf("udp_rx_cycles=%lu\n", sunk > 1 ? sink_last - sink_first : 0);
 	}
 	if (answer_target) {
 		serve(60000, answered_enough);
