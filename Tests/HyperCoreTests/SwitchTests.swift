@@ -350,7 +350,7 @@ struct SwitchTests {
         let kernel = try GuestImages.path("net.elf")
         #expect(try host.hvrun(["switch", "create", "lan", "--type", "internal", "--address", "10.8.0.1/24", "--dhcp"]).status == 0)
         let first = try host.hvrun(["vm", "create", "alpha", "--kernel", kernel, "--memory", "64M", "--nic", "lan,mac=52:54:00:00:0c:01",
-                                    "--cmdline", "ip=10.8.0.20 peer=10.8.0.1 count=16 interval=150"])
+                                    "--cmdline", "ip=10.8.0.20 peer=10.8.0.1 count=40 interval=150"])
         #expect(first.status == 0, "\(first.stderr)")
         let twin = try host.hvrun(["vm", "create", "beta", "--kernel", kernel, "--nic", "lan,mac=52:54:00:00:0c:01"])
         #expect(twin.status == 2 && twin.stderr.contains("alpha") && twin.stderr.contains("beta"), "\(twin.stderr)")
@@ -392,7 +392,7 @@ struct SwitchTests {
         let after = replies().dropFirst(beforeSave.count)
         #expect(!after.isEmpty && after.first! > (beforeSave.last ?? 0), "before \(beforeSave) after \(Array(after))")
         let ok = console().split(separator: "\n").first { $0.hasPrefix("pings_ok=") }.flatMap { Int($0.dropFirst(9)) } ?? 0
-        #expect(ok >= 15, "\(console())\n\((try? StoreFiles.read(host.home + "/vms/alpha/hvrun.log")).map { String(decoding: $0, as: UTF8.self) } ?? "")")
+        #expect(ok >= 39, "\(console())\n\((try? StoreFiles.read(host.home + "/vms/alpha/hvrun.log")).map { String(decoding: $0, as: UTF8.self) } ?? "")")
         let stopDeadline = Clock.now + 30
         while Clock.now < stopDeadline && FileLock.isHeld(host.home + "/vms/alpha/lock") { usleep(50_000) }
 
