@@ -213,3 +213,88 @@ int ckvm_rename_exchange(const char *from, const char *to) {
     long result = syscall(SYS_renameat2, AT_FDCWD, from, AT_FDCWD, to, 2 /* RENAME_EXCHANGE */);
     return result < 0 ? -errno : 0;
 }
+
+/* ---- Copy-on-write memory writer (snapshots taken while the guest runs on) ---- */
+
+static int cow_write_all(int fd, const uint8_t *data, size_t count, off_t offset) {
+    while (count > 0) {
+        ssize_t n = pwrite(fd, data, count, offset);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            return errno;
+        }
+        data += n;
+        count -= (size_t)n;
+        offset += n;
+    }
+    return 0;
+}
+
+static int cow_page_is_zero(const uint8_t *page) {
+    const uint64_t *words = (const uint64_t *)page;
+    for (int i = 0; i < 512; i++)
+        if (words[i]) return 0;
+    return 1;
+}
+
+/* Whether `backing` has data at `offset` (one SEEK_DATA per call; fine for the child). */
+static int cow_backing_has_data(int backing, off_t offset, off_t *data_start, off_t *data_end) {
+    if (offset >= *data_start && offset < *data_end) return 1;
+    if (offset < *data_start) return 0;
+    off_t data = lseek(backing, offset, 3 /* SEEK_DATA */);
+    if (data < 0) { *data_start = *data_end = (off_t)1 << 62; return 0; }
+    off_t hole = lseek(backing, data, 4 /* SEEK_HOLE */);
+    *data_start = data;
+    *data_end = hole < 0 ? data : hole;
+    return offset >= *data_start && offset < *data_end;
+}
+
+static int cow_write_region(int pagemap, int backing, int out, const struct ckvm_memory_region *r) {
+    static uint64_t entries[4096];
+    const uint64_t page_size = 4096, pages = r->size / page_size;
+    off_t data_start = 0, data_end = 0;
+    uint64_t run_start = 0, run_count = 0;
+    for (uint64_t page = 0; page < pages;) {
+        uint64_t batch = pages - page < 4096 ? pages - page : 4096;
+        int known = 0;
+        if (pagemap >= 0) {
+            ssize_t want = (ssize_t)(batch * 8);
+            known = pread(pagemap, entries, (size_t)want, (off_t)((r->host_address / page_size + page) * 8)) == want;
+        }
+        for (uint64_t i = 0; i < batch; i++) {
+            uint64_t index = page + i;
+            int candidate = !known || (entries[i] & (3ull << 62));
+            if (!candidate && backing >= 0)
+                candidate = cow_backing_has_data(backing, (off_t)(r->file_offset + index * page_size), &data_start, &data_end);
+            const uint8_t *address = (const uint8_t *)(uintptr_t)(r->host_address + index * page_size);
+            if (candidate && !cow_page_is_zero(address)) {
+                if (run_count && run_start + run_count == index && run_count < 2048) { run_count++; continue; }
+                if (run_count) {
+                    int e = cow_write_all(out, (const uint8_t *)(uintptr_t)(r->host_address + run_start * page_size),
+                                          run_count * page_size, (off_t)(r->file_offset + run_start * page_size));
+                    if (e) return e;
+                }
+                run_start = index;
+                run_count = 1;
+            }
+        }
+        page += batch;
+    }
+    if (run_count)
+        return cow_write_all(out, (const uint8_t *)(uintptr_t)(r->host_address + run_start * page_size),
+                             run_count * page_size, (off_t)(r->file_offset + run_start * page_size));
+    return 0;
+}
+
+int ckvm_fork_memory_writer(const struct ckvm_memory_region *regions, int count, int backing_fd, int out_fd) {
+    pid_t pid = fork();
+    if (pid < 0) return -errno;
+    if (pid > 0) return pid;
+    /* The child: only this code and system calls from here to _exit. */
+    int pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+    int status = 0;
+    for (int i = 0; i < count && !status; i++)
+        status = cow_write_region(pagemap, backing_fd, out_fd, &regions[i]);
+    if (!status && fsync(out_fd) != 0) status = errno;
+    _exit(status > 255 ? 255 : status);
+}

@@ -133,6 +133,21 @@ int ckvm_thread_join(unsigned long thread, int milliseconds);
 /// the old one with no moment where neither exists. Returns 0 or -errno.
 int ckvm_rename_exchange(const char *_Nonnull from, const char *_Nonnull to);
 
+/// One range of guest RAM: where it is mapped here, how long, where it goes in the memory file.
+struct ckvm_memory_region {
+    uint64_t host_address;
+    uint64_t size;
+    uint64_t file_offset;
+};
+
+/// Forks a child that writes the touched, non-zero pages of `regions` into `out_fd` (already sized)
+/// — from the child's copy-on-write view of memory, so the parent's guest may run on meanwhile —
+/// then fsyncs it and exits: status 0 on success, else an errno value. "Touched": present or
+/// swapped in /proc/self/pagemap, or, when `backing_fd` >= 0 (RAM privately mapped from an earlier
+/// snapshot), data in that file. The child runs only this C code and system calls. Returns the
+/// child's pid, or -errno.
+int ckvm_fork_memory_writer(const struct ckvm_memory_region *_Nonnull regions, int count, int backing_fd, int out_fd);
+
 // MARK: - kvm_run helpers
 
 static inline uint8_t *_Nonnull ckvm_run_io_data(struct kvm_run *_Nonnull run) {

@@ -62,6 +62,12 @@ extension Machine {
     /// `commit` runs while the guest is still paused, after the switch: an owner that keeps a
     /// record of which file is current (the VM store's `vm.json`) writes it there, so the guest
     /// never writes a child the record does not name. If it throws, the checkpoint is undone.
+    ///
+    /// Guest RAM is written by a forked child from its copy-on-write view of memory
+    /// (``SnapshotDirectory/begin(_:memory:to:)``), so the pause holds only the vCPU and device
+    /// state, the fork and the disk switch; this returns once the snapshot is complete on disk.
+    /// If writing RAM fails after `commit`, the disks stay switched and the error is thrown: the
+    /// owner's record must then say the checkpoint is incomplete.
     public func checkpoint(to directory: String, childPaths: [String],
                            commit: (CheckpointResult) throws(SnapshotError) -> Void = { _ in }) throws(SnapshotError) -> CheckpointResult {
         let devices = blockDevices
@@ -73,39 +79,71 @@ extension Machine {
         guard childPaths.count == writable.count else {
             throw .wrongState("\(writable.count) writable disks need \(writable.count) child paths, not \(childPaths.count)")
         }
+        // The children's files are made before the pause (creating a VHDX costs several fsyncs);
+        // each links to its parent's DataWriteGuid as on disk now, which the switch checks below.
+        var created: [String] = []
+        for (index, childPath) in zip(writable, childPaths) {
+            guard let parent = devices[index].1.backend as? VHDXImage else { continue }
+            do throws(VHDXError) {
+                try VHDXImage.create(path: childPath, options: VHDXCreateOptions(type: .differencing, parentPath: parent.path))
+                created.append(childPath)
+            } catch {
+                for path in created { unlink(path) }
+                throw .machine("creating the differencing disk \(childPath): \(error)")
+            }
+        }
         let wasRunning = runState == .running
         let start = monotonicNanoseconds()
-        do throws(MachineError) { try pause() } catch { throw .machine(error.description) }
-        var created: [String] = []
+        do throws(MachineError) { try pause() } catch {
+            for path in created { unlink(path) }
+            throw .machine(error.description)
+        }
         var switched: [(index: Int, old: any BlockBackend)] = []
+        var pending: SnapshotDirectory.Pending?
+        var committed = false
         do throws(SnapshotError) {
-            let written = try snapshot(to: directory)
+            // The state now, RAM from a copy-on-write child: the guest resumes without waiting
+            // for guest memory to reach the disk.
+            pending = try beginSnapshot(to: directory)
             var children: [String?] = Array(repeating: nil, count: devices.count)
             for (index, childPath) in zip(writable, childPaths) {
                 guard let parent = devices[index].1.backend as? VHDXImage else { continue }
                 let child: VHDXImage
                 do throws(VHDXError) {
-                    try VHDXImage.create(path: childPath, options: VHDXCreateOptions(type: .differencing, parentPath: parent.path))
-                    created.append(childPath)
-                    child = try VHDXImage(path: childPath)
+                    do throws(VHDXError) { child = try VHDXImage(path: childPath) } catch {
+                        // The guest's writes since the child was made renewed the parent's
+                        // DataWriteGuid (the snapshot's flush wrote it): link to the parent as
+                        // it is now — nothing writes it from here on.
+                        guard case .parent = error else { throw error }
+                        try VHDXImage.reparent(childPath: childPath, to: parent.path)
+                        child = try VHDXImage(path: childPath)
+                    }
                 } catch {
-                    throw .machine("creating the differencing disk \(childPath): \(error)")
+                    throw .machine("opening the differencing disk \(childPath): \(error)")
                 }
                 do throws(MachineError) { try replaceDisk(index, with: child) } catch { throw .machine(error.description) }
                 switched.append((index, parent))
                 children[index] = childPath
             }
-            try commit(CheckpointResult(written: written, pauseNanoseconds: monotonicNanoseconds() - start, children: children))
+            let paused = monotonicNanoseconds() - start
+            try commit(CheckpointResult(written: SnapshotDirectory.Written(memoryBytes: 0, stateBytes: 0), pauseNanoseconds: paused, children: children))
+            committed = true
             // The parents are read-only from here on (each child holds its own read-only handle).
             for (_, old) in switched { try? old.close() }
-            let end = monotonicNanoseconds()
+            let resumed = monotonicNanoseconds()
             if wasRunning { try? resume() }
-            return CheckpointResult(written: written, pauseNanoseconds: end - start, children: children)
+            let written = try pending!.finish()
+            return CheckpointResult(written: written, pauseNanoseconds: resumed - start, children: children)
         } catch {
-            for (index, old) in switched.reversed() { try? replaceDisk(index, with: old) }
-            for path in created { unlink(path) }
+            // Before the commit, everything is undone; after it (the memory writer failed), the
+            // owner's record says the checkpoint is incomplete and its recovery removes it.
+            pending?.abandon()
+            if !committed {
+                for (index, old) in switched.reversed() { try? replaceDisk(index, with: old) }
+                for path in created { unlink(path) }
+            }
             SnapshotDirectory.removeSnapshotFiles(SnapshotDirectory.normalized(directory))
-            if wasRunning { try? resume() }
+            if wasRunning, runState == .paused { try? resume() }
             throw error
         }
     }

@@ -167,6 +167,16 @@ extension Machine {
         }
     }
 
+    /// Starts a snapshot of the paused machine whose RAM a child process writes from a
+    /// copy-on-write view (``SnapshotDirectory/begin(_:memory:to:)``): the machine may resume as
+    /// soon as this returns; ``SnapshotDirectory/Pending/finish()`` completes it.
+    public func beginSnapshot(to directory: String) throws(SnapshotError) -> SnapshotDirectory.Pending {
+        try control.lock.withLock { () throws(SnapshotError) in
+            let snapshot = try captureStateLocked()
+            return try SnapshotDirectory.begin(snapshot, memory: memory, to: directory)
+        }
+    }
+
     /// The paused machine's complete state, RAM aside.
     public func captureState() throws(SnapshotError) -> MachineSnapshot {
         try control.lock.withLock { () throws(SnapshotError) in try captureStateLocked() }

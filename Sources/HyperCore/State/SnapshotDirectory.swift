@@ -81,6 +81,119 @@ public enum SnapshotDirectory {
         return Written(memoryBytes: snapshot.memoryBytesWritten, stateBytes: payload.count + headerSize)
     }
 
+    /// A snapshot whose memory a child process is writing from a copy-on-write view of guest RAM
+    /// (``begin(_:memory:to:)``) while the guest may already run on: ``finish()`` waits for it,
+    /// writes the state and puts the directory in place, crash-safely as ``write(_:memory:to:)``.
+    public final class Pending: @unchecked Sendable {
+        let snapshot: MachineSnapshot
+        let temporary: String
+        let target: String
+        let memoryFD: Int32
+        private(set) var child: pid_t
+        private var done = false
+
+        init(snapshot: MachineSnapshot, temporary: String, target: String, memoryFD: Int32, child: pid_t) {
+            self.snapshot = snapshot
+            self.temporary = temporary
+            self.target = target
+            self.memoryFD = memoryFD
+            self.child = child
+        }
+
+        deinit { if !done { abandon() } }
+
+        /// Waits for the memory writer, then writes the state file, syncs and renames into place.
+        public func finish() throws(SnapshotError) -> Written {
+            precondition(!done, "a pending snapshot is finished once")
+            done = true
+            defer { close(memoryFD) }
+            let memoryPath = temporary + "/" + memoryFile
+            var status: Int32 = 0
+            while waitpid(child, &status, 0) < 0 {
+                guard errno == EINTR else { removeSnapshotFiles(temporary); throw .io(path: memoryPath, operation: "waitpid", errno: errno) }
+            }
+            child = 0
+            let exitedCleanly = status & 0x7F == 0
+            let code = (status >> 8) & 0xFF
+            guard exitedCleanly, code == 0 else {
+                removeSnapshotFiles(temporary)
+                if !exitedCleanly { throw .machine("the process writing \(memoryPath) was killed by signal \(status & 0x7F)") }
+                throw .io(path: memoryPath, operation: "write (copy-on-write writer)", errno: code)
+            }
+            var snapshot = snapshot
+            var info = stat()
+            snapshot.memoryBytesWritten = fstat(memoryFD, &info) == 0 ? UInt64(info.st_blocks) * 512 : 0
+            let payload: [UInt8]
+            do throws(StateCodingError) { payload = Array(try StateCoder.encode(snapshot).rendered().utf8) } catch {
+                removeSnapshotFiles(temporary)
+                throw .machine("encoding the machine state: \(error)")
+            }
+            do throws(SnapshotError) {
+                let statePath = temporary + "/" + stateFile
+                let stateFD = try writeFile(statePath, encodeState(payload))
+                defer { close(stateFD) }
+                guard fsync(stateFD) == 0 else { throw .io(path: statePath, operation: "fsync", errno: errno) }
+                try syncDirectory(temporary)
+                guard rename(temporary, target) == 0 else { throw .io(path: target, operation: "rename", errno: errno) }
+                try syncDirectory(split(target).parent)
+            } catch {
+                removeSnapshotFiles(temporary)
+                throw error
+            }
+            return Written(memoryBytes: snapshot.memoryBytesWritten, stateBytes: payload.count + headerSize)
+        }
+
+        /// Stops the writer and removes what it wrote.
+        public func abandon() {
+            done = true
+            if child > 0 {
+                kill(child, SIGKILL)
+                var status: Int32 = 0
+                while waitpid(child, &status, 0) < 0 && errno == EINTR {}
+                child = 0
+                close(memoryFD)
+            }
+            removeSnapshotFiles(temporary)
+        }
+    }
+
+    /// Starts writing a snapshot to the new directory `directory` (which must not exist): guest
+    /// RAM is written by a forked child from its copy-on-write view, so the machine may be resumed
+    /// as soon as this returns — what the guest writes after it lands in the parent's pages only.
+    /// The cost in the pause is the fork (copying the page tables of touched memory).
+    public static func begin(_ snapshot: MachineSnapshot, memory: GuestMemory, to directory: String) throws(SnapshotError) -> Pending {
+        let target = normalized(directory)
+        let (parent, name) = split(target)
+        var existing = stat()
+        guard lstat(target, &existing) != 0 else { throw .wrongState("\(target) exists; a checkpoint's snapshot goes to a new directory") }
+        let temporary = parent + "/." + name + ".partial-\(getpid())"
+        removeSnapshotFiles(temporary)
+        guard mkdir(temporary, 0o700) == 0 else { throw .io(path: temporary, operation: "mkdir", errno: errno) }
+        let memoryPath = temporary + "/" + memoryFile
+        let memoryFD = open(memoryPath, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0o600)
+        guard memoryFD >= 0 else {
+            let code = errno
+            removeSnapshotFiles(temporary)
+            throw .io(path: memoryPath, operation: "create", errno: code)
+        }
+        guard ftruncate(memoryFD, off_t(memory.size)) == 0 else {
+            let code = errno
+            close(memoryFD)
+            removeSnapshotFiles(temporary)
+            throw .io(path: memoryPath, operation: "ftruncate", errno: code)
+        }
+        let regions = memory.regions.map { ckvm_memory_region(host_address: UInt64($0.hostAddress), size: $0.size, file_offset: $0.fileOffset) }
+        let child = regions.withUnsafeBufferPointer {
+            ckvm_fork_memory_writer($0.baseAddress!, Int32($0.count), memory.backingFile ?? -1, memoryFD)
+        }
+        guard child > 0 else {
+            close(memoryFD)
+            removeSnapshotFiles(temporary)
+            throw .io(path: memoryPath, operation: "fork (copy-on-write writer)", errno: -child)
+        }
+        return Pending(snapshot: snapshot, temporary: temporary, target: target, memoryFD: memoryFD, child: child)
+    }
+
     /// Reads and checks a snapshot: the state file's header, checksums and contents, and that the
     /// memory file is there with the size the state says. Reads only; changes nothing.
     public static func read(_ directory: String) throws(SnapshotError) -> MachineSnapshot {

@@ -18,12 +18,16 @@ public struct VMCheckpoint: Codable, Sendable, Equatable {
     public var diskIdentities: [DiskIdentity?]
     /// How long the guest was paused to take it (a running VM's checkpoint only).
     public var pauseMilliseconds: Double?
+    /// True while the VM's process is still writing its memory (after the guest resumed); a
+    /// record still saying so after that process is gone is incomplete, and recovery removes it.
+    public var saving: Bool?
 
     enum CodingKeys: String, CodingKey {
         case id, name, parent, created, disks
         case hasMemory = "has_memory"
         case diskIdentities = "disk_identities"
         case pauseMilliseconds = "pause_ms"
+        case saving
     }
 
     public init(id: String, name: String, parent: String?, created: String, hasMemory: Bool, disks: [String],

@@ -115,15 +115,24 @@ public struct VMCheckpointStore: Sendable {
             do throws(SnapshotError) {
                 let result = try machine.checkpoint(to: directory, childPaths: childPaths) { (taken: CheckpointResult) throws(SnapshotError) in
                     record.pauseMilliseconds = Double(taken.pauseNanoseconds / 1000) / 1000
-                    updated.checkpoints.append(record)
+                    var saving = record
+                    saving.saving = true
+                    updated.checkpoints.append(saving)
                     CrashPoint.reach("live-checkpoint-before-commit")
                     do throws(StoreError) { try commit(updated) } catch { throw .machine("\(error)") }
                     CrashPoint.reach("live-checkpoint-after-commit")
                 }
                 pause = result.pauseNanoseconds
             } catch {
+                // If the record was written (its memory failed after the guest resumed), the next
+                // recovery removes it and merges its disks back.
                 throw .failed("checkpoint of \(configuration.name): \(error)")
             }
+            record.pauseMilliseconds = Double(pause / 1000) / 1000
+            var complete = try load()
+            if let index = complete.checkpoints.firstIndex(where: { $0.id == id }) { complete.checkpoints[index] = record }
+            try commit(complete)
+            CrashPoint.reach("live-checkpoint-complete")
             return Created(checkpoint: record, pauseNanoseconds: pause)
         }
 
@@ -243,6 +252,7 @@ public struct VMCheckpointStore: Sendable {
     /// point of any operation.
     public func recover() throws(StoreError) {
         var rounds = 0
+        try dropIncomplete()
         while true {
             var configuration = try load()
             while let operation = configuration.pending.first {
@@ -259,6 +269,23 @@ public struct VMCheckpointStore: Sendable {
             if rounds > 256 { throw .failed("\(bundle.configurationPath): the checkpoint files do not settle after \(rounds) rounds of merging") }
         }
         try removeLeftovers(try load())
+    }
+
+    /// Removes checkpoints whose memory was still being written when their process ended (or
+    /// failed): as a delete of each, so their disks merge back.
+    func dropIncomplete() throws(StoreError) {
+        var configuration = try load()
+        let incomplete = configuration.checkpoints.filter { $0.saving == true }
+        guard !incomplete.isEmpty else { return }
+        for checkpoint in incomplete {
+            configuration.checkpoints.removeAll { $0.id == checkpoint.id }
+            for index in configuration.checkpoints.indices where configuration.checkpoints[index].parent == checkpoint.id {
+                configuration.checkpoints[index].parent = checkpoint.parent
+            }
+            if configuration.currentCheckpoint == checkpoint.id { configuration.currentCheckpoint = checkpoint.parent }
+            configuration.pending.append(PendingStoreOperation(kind: .removeDirectory, path: "checkpoints/" + checkpoint.id))
+        }
+        try commit(configuration)
     }
 
     /// Whether `vm.json` lists work not yet done (a merge running in the VM's process, say).
