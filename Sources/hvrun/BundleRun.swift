@@ -40,6 +40,8 @@ struct BundleRun {
             try VMCheckpointStore(bundle: bundle).recover()
             configuration = try bundle.configuration()
         }
+        let nics = try BundleNICs(configuration, store: SwitchStore(root: bundle.storeRoot))
+        defer { withExtendedLifetime(nics) {} }
 
         let console = try VMConsoleServer(logPath: bundle.consoleLogPath, socketPath: bundle.consoleSocketPath)
         let session = TerminalSession()   // stdin is /dev/null: only its SIGINT/SIGTERM handling is used
@@ -53,7 +55,7 @@ struct BundleRun {
             let disks = RunDisks()
             let exit: MachineExit
             do {
-                exit = try runOnce(configuration, restoring: restoreFrom, disks: disks, console: console, stop: stop)
+                exit = try runOnce(configuration, restoring: restoreFrom, disks: disks, nics: nics, console: console, stop: stop)
             } catch {
                 for failure in disks.closeAll() { printError("hvrun: \(failure)") }
                 throw error
@@ -75,7 +77,7 @@ struct BundleRun {
     }
 
     /// Boots (or restores) the machine once and runs it to its end.
-    private func runOnce(_ configuration: VMConfiguration, restoring saved: String?, disks: RunDisks,
+    private func runOnce(_ configuration: VMConfiguration, restoring saved: String?, disks: RunDisks, nics: BundleNICs,
                          console: VMConsoleServer, stop: StopRequest) throws -> MachineExit {
         let machine: Machine
         if let saved {
@@ -85,6 +87,7 @@ struct BundleRun {
             options.diskIdentities = configuration.savedDiskIdentities
             options.expectedCPUCount = configuration.cpus
             options.expectedMemorySize = configuration.memoryBytes
+            options.networkBackends = nics.devices.map(\.backend)
             machine = try Machine(restoring: saved, options: options)
             disks.adoptDisks(of: machine)
         } else {
@@ -102,6 +105,7 @@ struct BundleRun {
                 let backend = try disks.open(DiskOption(path: bundle.activePath(of: disk), readOnly: disk.readonly))
                 machineConfiguration.virtioDevices.append(.init(.block(backend, identifier: "hvrun-disk\(index)"), transport: .pci))
             }
+            for nic in nics.devices { machineConfiguration.virtioDevices.append(.init(.network(nic.backend, mac: nic.mac), transport: .pci)) }
             machine = try Machine(machineConfiguration)
         }
         guard !stop.attach(machine) else { return .stopped }

@@ -50,7 +50,14 @@ struct CheckCommand: ParsableCommand {
         } else if quiet {
             print(report.verdictLine)
         } else {
-            print(report.humanText(), terminator: "")
+            var lines = report.humanText().split(separator: "\n", omittingEmptySubsequences: false).map(String.init)
+            if fromRecording == nil, let verdict = lines.lastIndex(where: { $0.hasPrefix("VERDICT:") }) {
+                // Virtual switches: a line of its own, outside the verdict (VMs without a switch
+                // need none of it).
+                let (usable, why) = SwitchStore.hostCanCreateSwitches()
+                lines.insert("\(usable ? "PASS" : "WARN")  net.switches" + String(repeating: " ", count: 18) + why, at: verdict)
+            }
+            print(lines.joined(separator: "\n"), terminator: "")
         }
         if report.verdict.exitStatus != 0 { throw ExitCode(report.verdict.exitStatus) }
     }

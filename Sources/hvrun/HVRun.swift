@@ -14,7 +14,7 @@ struct HVRun: ParsableCommand {
             in the binary, which prints what it sees from inside the VM and powers off.
             """,
         version: "0.1.0",
-        subcommands: [RunCommand.self, CheckCommand.self, DiskCommand.self, VMCommand.self],
+        subcommands: [RunCommand.self, CheckCommand.self, DiskCommand.self, VMCommand.self, SwitchCommand.self],
         defaultSubcommand: RunCommand.self
     )
 

@@ -54,8 +54,8 @@ struct RunCommand: ParsableCommand {
     var disks: [DiskOption] = []
 
     @Option(name: .customLong("nic"),
-            help: ArgumentHelp("A virtio-net NIC: `tap=NAME` (a host TAP interface, created if missing; needs CAP_NET_ADMIN) or `none` (link down), then `,mac=MAC` (default: random, locally administered). Repeatable.",
-                               valueName: "tap=NAME|none[,mac=MAC]"),
+            help: ArgumentHelp("A virtio-net NIC: SWITCH (a virtual switch of the store, see `hvrun switch`), `tap=NAME` (a host TAP interface, created if missing; needs CAP_NET_ADMIN) or `none` (link down), then `,mac=MAC` (default: random, locally administered). Repeatable.",
+                               valueName: "switch|tap=NAME|none[,mac=MAC]"),
             transform: NICOption.parse)
     var nics: [NICOption] = []
 
@@ -257,7 +257,7 @@ struct RunCommand: ParsableCommand {
             configuration.virtioDevices.append(.init(.console(output: configuration.console, input: 0), transport: transport))
         }
         if rng { configuration.virtioDevices.append(.init(.entropy, transport: transport)) }
-        for nic in nics { configuration.virtioDevices.append(.init(try nic.deviceKind(), transport: transport)) }
+        for (index, nic) in nics.enumerated() { configuration.virtioDevices.append(.init(try nic.deviceKind(index: index), transport: transport)) }
         return try Machine(configuration)
     }
 

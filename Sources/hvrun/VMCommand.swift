@@ -89,7 +89,7 @@ struct VMCreateCommand: ParsableCommand {
     var disks: [DiskOption] = []
     @Option(name: .customLong("new-disk"), help: ArgumentHelp("A new dynamic VHDX of this size inside the VM. Repeatable.", valueName: "size"))
     var newDisks: [ByteCount] = []
-    @Option(name: .customLong("nic"), help: ArgumentHelp("A NIC on SWITCH (recorded; NIC devices come later); mac= gives a static MAC, else one is generated. `none` for a NIC that is not connected. Repeatable.", valueName: "switch[,mac=MAC]"))
+    @Option(name: .customLong("nic"), help: ArgumentHelp("A NIC on virtual switch SWITCH (see hvrun switch), or `none` for a NIC that is not connected; mac= gives a static MAC, else one is generated. Repeatable.", valueName: "switch[,mac=MAC]"))
     var nics: [String] = []
     @Option(help: ArgumentHelp("What a guest reset does: restart the VM, or stop it.", valueName: "restart|stop"))
     var onReset: String = "restart"

@@ -2,13 +2,21 @@
  * A freestanding network endpoint over virtio-net (rt/virtio.c): answers ARP
  * and ICMP echo for its address, pings a peer, optionally sends UDP.
  *
- * Command line: ip=A.B.C.D peer=A.B.C.D [mmio=1] [count=N] [udp=N]
+ * Command line: ip=A.B.C.D|dhcp peer=A.B.C.D [mmio=1] [count=N] [udp=N]
  * [answer=N] [interval=MS]
+ *   ip=dhcp  get the address from a DHCP server first (DISCOVER, OFFER,
+ *            REQUEST, ACK) and print `dhcp_ip=A.B.C.D` and `dhcp_server=…`;
+ *            without peer=, the peer is the DHCP server
  *   count    pings to send to peer (default 3); each reply prints `reply seq=N`,
  *            then `pings_ok=N`
  *   interval milliseconds (about: TSC at ~2.5 GHz) between pings (default 0:
  *            the next ping goes out when the reply arrives)
  *   udp      then send N UDP datagrams (port 9, discard) and print `udp_sent=N`
+ *            and `udp_cycles=T` (TSC cycles for the burst)
+ *   size     UDP payload bytes of those datagrams (default 64, at most 1472:
+ *            1472 makes 1500-byte IP packets, 1514-byte frames)
+ *   sink     then count UDP datagrams to port 9 until N arrived or none came
+ *            for 3 s; print `udp_received=K` and `udp_rx_cycles=T` (first to last)
  *   answer   then keep answering until N echo requests were answered
  *            (`answered=N`), so the host can ping the guest
  * Prints `mac=…`, `mtu=…` and `link=up|down` first; with the link down it
@@ -34,6 +42,7 @@ static u8 peer_mac[6];
 static int peer_known;
 static u16 ping_id = 0x4843, last_reply;
 static u64 answered, merged;
+static u64 sunk, sink_first, sink_last;
 
 static int cmdline_ip(const char *cmdline, const char *key, u32 *ip)
 {
@@ -145,6 +154,70 @@ static void ping(u16 seq)
 	ip_send(peer_mac, peer_ip, 1, 40);
 }
 
+static int same(const void *a, const void *b, u32 n)
+{
+	const u8 *x = a, *y = b;
+	for (u32 i = 0; i < n; i++)
+		if (x[i] != y[i])
+			return 0;
+	return 1;
+}
+
+/* DHCP client state (ip=dhcp): the offer or acknowledgement seen last. */
+static const u32 dhcp_xid = 0x48436e74;
+static u32 dhcp_offered, dhcp_server;
+static int dhcp_type;
+
+/* A BOOTP reply for our transaction: remembers its type, address and server. */
+static void dhcp_reply(const u8 *b, u32 len)
+{
+	if (len < 240 || b[0] != 2 || get32(b + 4) != dhcp_xid || !same(b + 28, net.mac, 6) || get32(b + 236) != 0x63825363)
+		return;
+	int type = 0;
+	u32 server = 0;
+	for (u32 i = 240; i < len && b[i] != 255;) {
+		if (b[i] == 0) { i++; continue; }
+		if (i + 2 > len || i + 2 + b[i + 1] > len)
+			break;
+		if (b[i] == 53 && b[i + 1] >= 1) type = b[i + 2];
+		if (b[i] == 54 && b[i + 1] >= 4) server = get32(b + i + 2);
+		i += 2 + b[i + 1];
+	}
+	if (type != 2 && type != 5 && type != 6)
+		return;
+	dhcp_type = type;
+	dhcp_offered = get32(b + 16);
+	if (server) dhcp_server = server;
+}
+
+/* Broadcasts a DHCPDISCOVER (type 1) or DHCPREQUEST (type 3) for the offered address. */
+static void dhcp_send(int type)
+{
+	static const u8 broadcast[6] = { 0xff, 0xff, 0xff, 0xff, 0xff, 0xff };
+	u8 *u = out + 34, *b = u + 8;
+	memset(u, 0, 8 + 300);
+	b[0] = 1; b[1] = 1; b[2] = 6;
+	put32(b + 4, dhcp_xid);
+	put16(b + 10, 0x8000);	/* broadcast the reply: we have no address yet */
+	memcpy(b + 28, net.mac, 6);
+	put32(b + 236, 0x63825363);
+	u8 *o = b + 240;
+	*o++ = 53; *o++ = 1; *o++ = (u8)type;
+	if (type == 3) {
+		*o++ = 50; *o++ = 4; put32(o, dhcp_offered); o += 4;
+		*o++ = 54; *o++ = 4; put32(o, dhcp_server); o += 4;
+	}
+	*o++ = 55; *o++ = 2; *o++ = 1; *o++ = 3;
+	*o = 255;
+	put16(u, 68);
+	put16(u + 2, 67);
+	put16(u + 4, 8 + 300);
+	u32 saved = my_ip;
+	my_ip = 0;
+	ip_send(broadcast, 0xffffffffu, 17, 8 + 300);
+	my_ip = saved;
+}
+
 /* Handles one received frame. */
 static void handle(const u8 *f, int len)
 {
@@ -168,7 +241,19 @@ static void handle(const u8 *f, int len)
 	const u8 *ip = f + 14;
 	u32 ihl = (ip[0] & 15) * 4;
 	u32 total = get16(ip + 2);
-	if ((ip[0] >> 4) != 4 || ihl < 20 || total < ihl + 8 || 14 + total > (u32)len || get32(ip + 16) != my_ip)
+	if ((ip[0] >> 4) != 4 || ihl < 20 || total < ihl + 8 || 14 + total > (u32)len)
+		return;
+	if (ip[9] == 17 && get16(ip + ihl + 2) == 9 && get32(ip + 16) == my_ip) {
+		u64 now = rdtsc();
+		if (!sunk++) sink_first = now;
+		sink_last = now;
+		return;
+	}
+	if (ip[9] == 17 && get16(ip + ihl + 2) == 68) {
+		dhcp_reply(ip + ihl + 8, total - ihl - 8);
+		return;
+	}
+	if (get32(ip + 16) != my_ip)
 		return;
 	if (ip[9] != 1)
 		return;
@@ -211,19 +296,55 @@ static int got_reply(void) { return last_reply == waiting_seq; }
 static int peer_resolved(void) { return peer_known; }
 static u64 answer_target;
 static int answered_enough(void) { return answered >= answer_target; }
+static int dhcp_answered(void) { return dhcp_type != 0; }
+
+/* ip=dhcp: DISCOVER → OFFER, REQUEST → ACK; sets my_ip (and peer_ip if not given). */
+static void dhcp(int peer_given)
+{
+	for (int tries = 0; tries < 10 && dhcp_type != 2; tries++) {
+		dhcp_type = 0;
+		dhcp_send(1);
+		serve(2000, dhcp_answered);
+	}
+	if (dhcp_type != 2)
+		virtio_fail("no DHCP offer");
+	for (int tries = 0; tries < 10 && dhcp_type != 5; tries++) {
+		dhcp_type = 0;
+		dhcp_send(3);
+		serve(2000, dhcp_answered);
+		if (dhcp_type == 6)
+			virtio_fail("DHCP server said NAK");
+	}
+	if (dhcp_type != 5)
+		virtio_fail("no DHCP acknowledgement");
+	my_ip = dhcp_offered;
+	if (!peer_given)
+		peer_ip = dhcp_server;
+	printf("dhcp_ip=%u.%u.%u.%u\n", my_ip >> 24, (my_ip >> 16) & 255, (my_ip >> 8) & 255, my_ip & 255);
+	printf("dhcp_server=%u.%u.%u.%u\n", dhcp_server >> 24, (dhcp_server >> 16) & 255, (dhcp_server >> 8) & 255, dhcp_server & 255);
+}
 
 void guest_main(struct hvm_start_info *si)
 {
 	uart_init();
 	const char *cmdline = pvh_cmdline(si);
-	u64 use_mmio = 0, count = 3, udp = 0, interval = 0;
+	u64 use_mmio = 0, count = 3, udp = 0, interval = 0, size = 64, sink = 0;
+	cmdline_uint(cmdline, "size", &size);
+	cmdline_uint(cmdline, "sink", &sink);
+	if (size < 1) size = 1;
+	if (size > 1472) size = 1472;
 	cmdline_uint(cmdline, "mmio", &use_mmio);
 	cmdline_uint(cmdline, "count", &count);
 	cmdline_uint(cmdline, "udp", &udp);
 	cmdline_uint(cmdline, "answer", &answer_target);
 	cmdline_uint(cmdline, "interval", &interval);
-	if (!cmdline_ip(cmdline, "ip", &my_ip) || !cmdline_ip(cmdline, "peer", &peer_ip))
-		virtio_fail("ip=A.B.C.D and peer=A.B.C.D are needed");
+	int use_dhcp = 0;
+	for (const char *w = cmdline; *w; w++)
+		if ((w == cmdline || w[-1] == ' ') && same(w, "ip=dhcp", 7) && (w[7] == ' ' || w[7] == 0))
+			use_dhcp = 1;
+	int peer_given = cmdline_ip(cmdline, "peer", &peer_ip);
+	if ((!use_dhcp && !cmdline_ip(cmdline, "ip", &my_ip)) || (!use_dhcp && !peer_given))
+		virtio_fail("ip=A.B.C.D (or ip=dhcp) and peer=A.B.C.D are needed");
 	int found = use_mmio ? virtio_find_mmio(&dev, cmdline, 1) : virtio_find_pci(&dev, 1, 0x6);
 	if (!found)
 		virtio_fail("no virtio-net device");
@@ -235,6 +356,8 @@ void guest_main(struct hvm_start_info *si)
 	printf("link=%s\n", up ? "up" : "down");
 	if (!up)
 		debug_exit(EXIT_NET);
+	if (use_dhcp)
+		dhcp(peer_given);
 
 	u64 ok = 0;
 	for (int tries = 0; tries < 10 && !peer_known; tries++) {
@@ -258,21 +381,37 @@ void guest_main(struct hvm_start_info *si)
 	}
 	printf("pings_ok=%lu\n", ok);
 	if (udp && peer_known) {
-		u64 sent = 0;
+		u64 sent = 0, start = rdtsc();
 		for (u64 i = 0; i < udp; i++) {
 			u8 *u = out + 34;
 			put16(u, 40000);
 			put16(u + 2, 9);
-			put16(u + 4, 8 + 64);
+			put16(u + 4, (u16)(8 + size));
 			put16(u + 6, 0);	/* no UDP checksum (allowed on IPv4) */
-			for (int b = 0; b < 64; b++) u[8 + b] = (u8)i;
-			ip_send(peer_mac, peer_ip, 17, 8 + 64);
+			u[8] = (u8)i;
+			ip_send(peer_mac, peer_ip, 17, (u32)(8 + size));
 			sent++;
 			u16 nb;
 			int len = vnet_recv(&net, frame, sizeof frame, &nb);
 			if (len >= 0) handle(frame, len);
 		}
 		printf("udp_sent=%lu\n", sent);
+		printf("udp_cycles=%lu\n", rdtsc() - start);
+	}
+	if (sink) {
+		printf("sink_ready\n");
+		u64 idle_since = rdtsc(), seen = 0;
+		while (sunk < sink && rdtsc() - idle_since < 3000 * TSC_PER_MS) {
+			u16 nb;
+			int len = vnet_recv(&net, frame, sizeof frame, &nb);
+			if (len >= 0) handle(frame, len);
+			if (sunk != seen) {
+				seen = sunk;
+				idle_since = rdtsc();
+			}
+		}
+		printf("udp_received=%lu\n", sunk);
+		printf("udp_rx_cycles=%lu\n", sunk > 1 ? sink_last - sink_first : 0);
 	}
 	if (answer_target) {
 		serve(60000, answered_enough);

@@ -333,9 +333,9 @@ struct VirtioNetTests {
 
     @Test("hvrun --nic: malformed values are refused by name before anything is opened",
           .enabled(if: TestHost.hvrunPath != nil, "hvrun is not built"),
-          arguments: [("bogus", "unknown --nic backend 'bogus'"), ("tap=", "needs an interface name"),
+          arguments: [("bo/gus", "unknown --nic backend 'bo/gus'"), ("bogus", "no switch named bogus"), ("tap=", "needs an interface name"),
                       ("tap=abcdefghijklmnop", "needs an interface name"), ("none,mac=01:00:5e:00:00:01", "invalid MAC address"),
-                      ("none,speed=10", "unknown NIC option 'speed=10'"), ("", "needs a backend first")])
+                      ("none,speed=10", "unknown NIC option 'speed=10'"), ("", "needs a switch or backend first")])
     func nicOptionErrors(_ value: String, _ message: String) throws {
         let result = try TestHost.hvrun(["run", "--nic", value, "--timeout", "5"], timeoutSeconds: 20)
         #expect(result.status != 0)

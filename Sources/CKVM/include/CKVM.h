@@ -215,6 +215,19 @@ int ckvm_tap_adopt(int fd, char *_Nonnull actual_name);
 /// TUNSETOFFLOAD. Returns 0 or -errno.
 int ckvm_tap_set_offload(int fd, unsigned flags);
 
+// MARK: - Bridges for virtual switches (bridge.c)
+
+/// Makes interface `port` a port of bridge `bridge` (SIOCBRADDIF) and brings it up. Needs
+/// CAP_NET_ADMIN. Returns 0 or -errno (-ENODEV when either interface is missing).
+int ckvm_bridge_attach(const char *_Nonnull bridge, const char *_Nonnull port);
+/// Attaches a two-instruction XDP program that drops every frame (generic/skb mode, through
+/// netlink IFLA_XDP) to interface `ifindex`. On a bridge it stops the frames the bridge would pass
+/// up to the host's own stack (and to packet captures on the bridge) while the bridge keeps
+/// forwarding between its ports. Stays attached until the interface is deleted. Returns 0 or -errno.
+int ckvm_xdp_drop_all(int ifindex);
+/// Whether the calling thread has CAP_NET_ADMIN in its effective set (capget). 1, 0, or -errno.
+int ckvm_has_net_admin(void);
+
 // MARK: - Shared-memory access for virtqueues
 //
 // The guest writes rings concurrently with the device. Index loads need acquire semantics (what

@@ -168,6 +168,12 @@ public struct VMStore: Sendable {
                 guard let configuration = try? VMBundle(name: name, path: vmsPath + "/" + name).configuration() else { continue }
                 ids.insert(configuration.id)
                 for nic in configuration.nics { if let mac = MACAddress(nic.mac) { macs.insert(mac) } }
+                // A static MAC twice on one switch: refused, naming both VMs.
+                for nic in configuration.nics where nic.switch != "none" {
+                    if let taken = request.nics.first(where: { $0.switchName == nic.switch && $0.mac != nil && $0.mac == MACAddress(nic.mac) }) {
+                        throw .refused("MAC \(taken.mac!) is already VM \(name)'s on switch \(nic.switch); VM \(request.name) cannot have it there too")
+                    }
+                }
             }
             var id = randomUUIDString()
             while ids.contains(id) { id = randomUUIDString() }
