@@ -12,7 +12,7 @@ internal import Glibc
 ///
 ///     hvrun: sample vcpu0 +120.0s rip=0xffffffff8104a1b2 rsp=0xffffffff82a03e48 if=0 exits io=3 mmio=0 intr=1 emul=0 stack 0xffffffff81... 0xffffffff81...
 ///
-/// Map the addresses with the kernel's System.map (`Tests/Linux/symbolize.sh`). The kick is the
+/// Map the addresses with the kernel's System.map (`Tests/Linux/symbolize.py`). The kick is the
 /// one pause and stop use, so sampling changes nothing for the guest beyond a short stall.
 enum RIPSampler {
     /// The interval in nanoseconds, from `HYPERCORE_SAMPLE_RIP` (seconds, fractions allowed; at
@@ -21,6 +21,14 @@ enum RIPSampler {
         guard let text = getenv("HYPERCORE_SAMPLE_RIP"), let seconds = Double(String(cString: text)),
               seconds.isFinite, seconds > 0 else { return nil }
         return UInt64(max(seconds, 0.01) * 1e9)
+    }()
+
+    /// The guest virtual address from `HYPERCORE_SAMPLE_PEEK`, or nil.
+    static let peek: UInt64? = {
+        guard let text = getenv("HYPERCORE_SAMPLE_PEEK") else { return nil }
+        var digits = Substring(String(cString: text))
+        if digits.hasPrefix("0x") { digits = digits.dropFirst(2) }
+        return UInt64(digits, radix: 16)
     }()
 
     /// Starts the thread that asks for samples, when the variable is set. It ends with the run.
@@ -55,6 +63,7 @@ enum RIPSampler {
         var line = "hvrun: sample vcpu\(vcpu.id) +\(tenths / 10).\(tenths % 10)s rip=\(hex(registers.rip))"
         line += " rsp=\(hex(registers.rsp)) if=\(registers.rflags >> 9 & 1)"
         line += " exits io=\(exits.io) mmio=\(exits.mmio) intr=\(exits.intr) emul=\(exits.emulation)"
+        if let peek, let value = readQuad(peek, special, memory) { line += " peek=\(hex(value))" }
         let text = stackText(registers.rsp, special, memory)
         if !text.isEmpty { line += " stack " + text.map(hex).joined(separator: " ") }
         let bytes = Array((line + "\n").utf8)
@@ -67,15 +76,20 @@ enum RIPSampler {
         var found: [UInt64] = []
         var address = rsp & ~7
         for _ in 0..<64 where found.count < 12 {
-            guard case let .success(physical) = PageWalk.translate(
-                address, access: .init(write: false, user: false), cr0: special.cr0, cr3: special.cr3,
-                cr4: special.cr4, rflags: 1 << 18, memory: memory),
-                let pointer = memory.pointer(at: physical, count: 8) else { break }
-            let value = UInt64(littleEndian: pointer.loadUnaligned(as: UInt64.self))
+            guard let value = readQuad(address, special, memory) else { break }
             if value >= 0xFFFF_FFFF_8000_0000 && value < 0xFFFF_FFFF_C000_0000 { found.append(value) }
             address &+= 8
         }
         return found
+    }
+
+    /// The 8 bytes at guest virtual `address` (supervisor read), nil when unmapped or not RAM.
+    private static func readQuad(_ address: UInt64, _ special: SpecialRegisters, _ memory: GuestMemory) -> UInt64? {
+        guard address & 0xFFF <= 0xFF8, case let .success(physical) = PageWalk.translate(
+            address, access: .init(write: false, user: false), cr0: special.cr0, cr3: special.cr3,
+            cr4: special.cr4, rflags: 1 << 18, memory: memory),
+            let pointer = memory.pointer(at: physical, count: 8) else { return nil }
+        return UInt64(littleEndian: pointer.loadUnaligned(as: UInt64.self))
     }
 
     private static func hex(_ value: UInt64) -> String { "0x" + String(value, radix: 16) }
