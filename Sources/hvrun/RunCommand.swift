@@ -225,8 +225,10 @@ struct RunCommand: ParsableCommand {
     /// A machine that boots a kernel (or the embedded guest), with its disks opened into `opened`.
     private func bootMachine(disks opened: RunDisks) throws -> Machine {
         let boot: MachineConfiguration.Boot
+        var pvmLinux = false
         if let kernel {
             let kernelBytes = try ImageFile.read(kernel)
+            pvmLinux = cpuid == nil && PVMLinuxPolicy.isLinuxKernel(kernelBytes) && PVMLinuxPolicy.hostIsPVM()
             let initrdBytes = try initrd.map { path throws(BootError) in try ImageFile.read(path) }
             // A bzImage starts with a boot sector carrying "HdrS"; anything else must be a PVH ELF
             // (the ELF loader explains what is wrong with a file that is neither).
@@ -245,6 +247,11 @@ struct RunCommand: ParsableCommand {
         if let cpuid {
             let policy = try CPUIDPolicy.parse(cpuid)
             configuration.cpuidPolicy = { policy.apply(to: &$0) }
+        } else if pvmLinux {
+            // KVM hypercalls hang on PVM hosts (Docs/linux-boot.md): hide the features that make them.
+            let policy = PVMLinuxPolicy.cpuidPolicy
+            configuration.cpuidPolicy = { policy.apply(to: &$0) }
+            printError("hvrun: PVM host: hid KVM's hypercall features (\(policy.hidden.map(\.description).joined(separator: ", "))) from the kernel (--cpuid turns this off)")
         }
         configuration.bootTimer = bootTime ? BootTimer(origin: BootTimer.processStart() ?? BootTimer.now()) : nil
         configuration.console = try consoleOutput

@@ -196,6 +196,10 @@ struct CompletionExecutorTests {
         #expect(line.hasPrefix("console=ttyS0 clearcpuid=") && line.contains("smap") && line.contains("popcnt"))
         #expect(!line.contains("cx16"))
         #expect(PVMLinuxPolicy.commandLine("console=ttyS0 clearcpuid=xsave") == nil)
+        // KVM's hypercall features go (PV unhalt, send-IPI, sched-yield); kvmclock and the rest stay.
+        var table = CPUIDTable(entries: [.init(function: 0x4000_0001, eax: 0xFFFF_FFFF, ebx: 0, ecx: 0, edx: 0)])
+        PVMLinuxPolicy.cpuidPolicy.apply(to: &table)
+        #expect(table.entry(function: 0x4000_0001)?.eax == 0xFFFF_FFFF & ~UInt32((1 << 7) | (1 << 11) | (1 << 13)))
         var bz = [UInt8](repeating: 0, count: 0x300)
         bz[0x1FE] = 0x55; bz[0x1FF] = 0xAA
         bz.replaceSubrange(0x202..<0x206, with: Array("HdrS".utf8))
@@ -318,8 +322,10 @@ struct EmulationCompletionGuestTests {
         let automatic = try TestHost.hvrun(["run", "--kernel", path], timeoutSeconds: 30)
         #expect(automatic.status == 1)
         #expect(automatic.stderr.contains("hvrun: PVM host: added clearcpuid=xsave,smap,popcnt"))
+        #expect(automatic.stderr.contains("hvrun: PVM host: hid KVM's hypercall features (0x40000001:eax:7, 0x40000001:eax:11, 0x40000001:eax:13)"))
         let overridden = try TestHost.hvrun(["run", "--kernel", path, "--cpuid=-x2apic"], timeoutSeconds: 30)
         #expect(overridden.stderr.contains("--cpuid given, so no clearcpuid= is added"))
+        #expect(!overridden.stderr.contains("hid KVM's hypercall features"))
         let explicit = try TestHost.hvrun(["run", "--kernel", path, "--cmdline", "console=ttyS0 clearcpuid=xsave"], timeoutSeconds: 30)
         #expect(!explicit.stderr.contains("added clearcpuid="))
     }

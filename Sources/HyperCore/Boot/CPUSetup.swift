@@ -175,6 +175,8 @@ public struct CPUIDPolicy: Sendable, Equatable {
         "kvm-pv-unhalt": Bit(leaf: 0x4000_0001, register: .eax, bit: 7),
         "kvm-steal-time": Bit(leaf: 0x4000_0001, register: .eax, bit: 5),
         "kvm-async-pf": Bit(leaf: 0x4000_0001, register: .eax, bit: 4),
+        "kvm-pv-send-ipi": Bit(leaf: 0x4000_0001, register: .eax, bit: 11),
+        "kvm-pv-sched-yield": Bit(leaf: 0x4000_0001, register: .eax, bit: 13),
     ]
 
     public var hidden: [Bit] = []

@@ -177,6 +177,7 @@ public final class Machine: Sendable {
         control.begin(paused: paused, pause: restorePlan.map { PauseRecord(snapshot: $0.snapshot) })
         if paused { lifecycle.requestPause() }
         gate.release(go: true)
+        RIPSampler.startIfRequested(lifecycle)
         if paused {
             virtio?.cores.forEach { $0.quiesce() }
             _ = lifecycle.pauseAll()

@@ -16,6 +16,23 @@ public enum PVMLinuxPolicy {
         "avx", "avx2", "avx512f",
     ]
 
+    /// KVM paravirtual features whose guest side is a hypercall (`vmmcall`/`vmcall`). Unlike the
+    /// host's own CPUID bits, KVM's leaf 0x40000001 from `KVM_SET_CPUID2` is what the guest sees
+    /// here, so these are hidden through CPUID. Measured: with PV send-IPI, Linux's second CPU
+    /// sits on `kvm_hypercall4` in `__send_ipi_mask` (its RIP on the hypercall, sampled for
+    /// minutes) while the first waits for it, and `smp: Bringing up secondary CPUs` never ends;
+    /// without it both CPUs come up (Docs/linux-boot.md). PV unhalt (the spinlock kick) and PV
+    /// sched-yield make the same hypercall, so they go too; Linux falls back to native IPIs,
+    /// native queued spinlocks and plain waiting.
+    public static let hiddenKVMFeatures: [CPUIDPolicy.Bit] = [
+        CPUIDPolicy.Bit(leaf: 0x4000_0001, register: .eax, bit: 7),     // KVM_FEATURE_PV_UNHALT
+        CPUIDPolicy.Bit(leaf: 0x4000_0001, register: .eax, bit: 11),    // KVM_FEATURE_PV_SEND_IPI
+        CPUIDPolicy.Bit(leaf: 0x4000_0001, register: .eax, bit: 13),    // KVM_FEATURE_PV_SCHED_YIELD
+    ]
+
+    /// The CPUID policy hvrun gives a Linux kernel on a PVM host (unless `--cpuid` is given).
+    public static var cpuidPolicy: CPUIDPolicy { CPUIDPolicy(hidden: hiddenKVMFeatures) }
+
     /// True where `/dev/kvm` is KVM's PVM backend (`/sys/module/kvm_pvm`, as `hvrun check` sees it).
     public static func hostIsPVM(probe: some HostProbe = LiveHostProbe()) -> Bool {
         (try? probe.listDirectory(HostPaths.sysModule).get())?.contains("kvm_pvm") ?? false

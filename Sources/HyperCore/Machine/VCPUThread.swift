@@ -17,6 +17,8 @@ final class Lifecycle: @unchecked Sendable {
     let exit = OneShot<MachineExit>()
     /// What the emulation-completion layer did (``EmulationCompletion``).
     let emulation = EmulationStatistics()
+    /// Raised by the ``RIPSampler`` thread: a vCPU that sees it change prints a sample.
+    let sampleGeneration = Atomic<UInt64>(0)
     /// pthread handles of vCPU threads that have not finished.
     private let running = Mutex<[UInt32: UInt]>([:])
     /// The vCPUs, once their threads created them (for state capture while parked).
@@ -197,6 +199,11 @@ enum VCPURunLoop {
         let run = vcpu.run
         let lifecycle = context.lifecycle
         let fd = vcpu.fileDescriptor
+        // HYPERCORE_SAMPLE_RIP only: the sample seen last, and the exits since (plain counters).
+        let sampling = RIPSampler.interval != nil
+        let samplingStart = monotonicNanoseconds()
+        var sampleSeen: UInt64 = 0
+        var exits = RIPSampler.ExitCounts()
         // A machine started paused (a restore with --paused) parks before its first instruction.
         if lifecycle.pauseRequested { lifecycle.park() }
         while !lifecycle.stopRequested {
@@ -205,6 +212,11 @@ enum VCPURunLoop {
                 case EINTR:
                     // A kick (or a stray signal): clear the flag and look at the stop and pause requests.
                     run.pointee.immediate_exit = 0
+                    if sampling, lifecycle.sampleGeneration.load(ordering: .acquiring) != sampleSeen {
+                        sampleSeen = lifecycle.sampleGeneration.load(ordering: .acquiring)
+                        RIPSampler.sample(vcpu, context.memory, since: samplingStart, exits: exits)
+                        exits = RIPSampler.ExitCounts()
+                    }
                     if lifecycle.pauseRequested { lifecycle.park() }
                 case EAGAIN:
                     // An application processor not yet started by INIT/SIPI (seen on PVM hosts).
@@ -216,10 +228,13 @@ enum VCPURunLoop {
             }
             switch Int32(bitPattern: run.pointee.exit_reason) {
             case KVM_EXIT_IO:
+                exits.io &+= 1
                 handlePortIO(run, context.portBus)
             case KVM_EXIT_MMIO:
+                exits.mmio &+= 1
                 handleMMIO(run, context.mmioBus)
             case KVM_EXIT_INTR:
+                exits.intr &+= 1
                 continue
             case KVM_EXIT_HLT:
                 lifecycle.finish(.halted)
@@ -237,6 +252,7 @@ enum VCPURunLoop {
             case KVM_EXIT_INTERNAL_ERROR:
                 let suberror = run.pointee.internal.suberror
                 let bytes = emulationFailureBytes(run)
+                exits.emulation &+= 1
                 // An instruction KVM's emulator lacks (PVM hosts): finish it here when the
                 // completion layer knows it, else end the run as before.
                 if suberror == UInt32(KVM_INTERNAL_ERROR_EMULATION),
