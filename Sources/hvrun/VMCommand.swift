@@ -18,7 +18,7 @@ struct VMCommand: ParsableCommand {
             """,
         subcommands: [VMCreateCommand.self, VMListCommand.self, VMInfoCommand.self, VMStartCommand.self,
                       VMPauseCommand.self, VMResumeCommand.self, VMSaveCommand.self, VMStopCommand.self,
-                      VMDeleteCommand.self, VMLogCommand.self, VMConsoleCommand.self]
+                      VMDeleteCommand.self, VMLogCommand.self, VMConsoleCommand.self, VMMoveCommand.self, VMReceiveCommand.self]
     )
 }
 

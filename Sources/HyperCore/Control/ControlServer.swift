@@ -21,7 +21,9 @@ internal import Glibc
 /// created with mode 0600; a path that exists is refused unless it is a stale socket.
 public final class ControlServer: @unchecked Sendable {
     public let path: String
-    private let machine: Machine
+    let machine: Machine
+    /// The outgoing live migration, if one was asked for.
+    public let outgoing = OutgoingMigration()
     private let listener: Int32
     private let wake: Int32
     private let stopped = Atomic<Bool>(false)
@@ -173,7 +175,7 @@ public final class ControlServer: @unchecked Sendable {
             let line = Array(client.buffer[..<newline])
             client.buffer.removeSubrange(...newline)
             if line.allSatisfy({ $0 == 0x20 || $0 == 0x0D || $0 == 0x09 }) { continue }
-            let (reply, after) = handle(line)
+            let (reply, after) = handle(line, clientFD: client.fd)
             send(reply, to: client)
             after?()
         }
@@ -208,7 +210,7 @@ public final class ControlServer: @unchecked Sendable {
     }
 
     /// One request → one reply, and what to do once the reply is sent (end the run).
-    func handle(_ line: [UInt8]) -> (JSONValue, (() -> Void)?) {
+    func handle(_ line: [UInt8], clientFD: Int32 = -1) -> (JSONValue, (() -> Void)?) {
         let request: JSONValue
         do throws(JSONParseError) { request = try JSONValue.parse(line) } catch {
             return (Self.error("GenericError", "\(error)", id: nil), nil)
@@ -256,11 +258,14 @@ public final class ControlServer: @unchecked Sendable {
                 } catch {
                     throw .failed(error.description)
                 }
+            case "migrate", "query-migrate", "migrate-cancel":
+                // Live migration (ControlServer+Migration.swift).
+                return migration(verb, arguments, id: id, clientFD: clientFD)
             case "stop":
                 onStop?()
                 return (Self.success([], id: id), { [machine] in machine.finish(.stopped) })
             default:
-                return (Self.error("CommandNotFound", "unknown command \(verb); known: info, pause, resume, save, snapshot, checkpoint, stop", id: id), nil)
+                return (Self.error("CommandNotFound", "unknown command \(verb); known: info, pause, resume, save, snapshot, checkpoint, migrate, query-migrate, migrate-cancel, stop", id: id), nil)
             }
         } catch {
             return (Self.error("GenericError", error.description, id: id), nil)

@@ -10,6 +10,36 @@ public struct MigrationOffer: Sendable {
     public var metadata: JSONValue
     public var storage: MigrationOptions.Storage
     public var files: [(name: String, size: UInt64)]
+    /// The offer as it came (what ``init(json:)`` reads back).
+    public var json: JSONValue
+
+    /// Decodes and checks an offer section's JSON.
+    public init(json offer: JSONValue) throws(MigrationError) {
+        guard let configurationValue = offer["configuration"] else { throw .protocolViolation("the offer has no configuration") }
+        do throws(StateCodingError) { configuration = try StateCoder.decode(SnapshotConfiguration.self, from: configurationValue) } catch {
+            throw .protocolViolation("the offer's configuration: \(error)")
+        }
+        guard configuration.memorySize >= 1 << 20, configuration.memorySize % 4096 == 0, configuration.memorySize <= GuestLayout.maximumRAM,
+              (1...MachineConfiguration.maximumCPUs).contains(configuration.cpuCount) else {
+            throw .protocolViolation("the offer asks for \(configuration.memorySize) bytes of RAM and \(configuration.cpuCount) vCPUs")
+        }
+        guard let mode = offer["storage"]?.stringValue.flatMap(MigrationOptions.Storage.init(rawValue:)) else {
+            throw .protocolViolation("the offer has no storage mode")
+        }
+        storage = mode
+        var list: [(String, UInt64)] = []
+        if case let .array(entries)? = offer["files"] {
+            for entry in entries {
+                guard let name = entry["name"]?.stringValue, let size = entry["size"]?.int64Value, size >= 0, size <= 1 << 32 else {
+                    throw .protocolViolation("a file entry of the offer has no name or a bad size")
+                }
+                list.append((name, UInt64(size)))
+            }
+        }
+        files = list
+        metadata = offer["metadata"] ?? .null
+        json = offer
+    }
 }
 
 /// The destination side of a live migration (see ``MigrationSender`` for the protocol). In steps,
@@ -55,29 +85,7 @@ public final class MigrationReceiver: @unchecked Sendable {
     }
 
     public func receiveOffer() throws(MigrationError) -> MigrationOffer {
-        let offer = try stream.receiveJSON(.offer)
-        guard let configurationValue = offer["configuration"] else { throw .protocolViolation("the offer has no configuration") }
-        let configuration: SnapshotConfiguration
-        do throws(StateCodingError) { configuration = try StateCoder.decode(SnapshotConfiguration.self, from: configurationValue) } catch {
-            throw .protocolViolation("the offer's configuration: \(error)")
-        }
-        guard configuration.memorySize >= 1 << 20, configuration.memorySize % 4096 == 0, configuration.memorySize <= GuestLayout.maximumRAM,
-              (1...MachineConfiguration.maximumCPUs).contains(configuration.cpuCount) else {
-            throw .protocolViolation("the offer asks for \(configuration.memorySize) bytes of RAM and \(configuration.cpuCount) vCPUs")
-        }
-        guard let storage = offer["storage"]?.stringValue.flatMap(MigrationOptions.Storage.init(rawValue:)) else {
-            throw .protocolViolation("the offer has no storage mode")
-        }
-        var files: [(String, UInt64)] = []
-        if case let .array(list)? = offer["files"] {
-            for entry in list {
-                guard let name = entry["name"]?.stringValue, let size = entry["size"]?.int64Value, size >= 0, size <= 1 << 32 else {
-                    throw .protocolViolation("a file entry of the offer has no name or a bad size")
-                }
-                files.append((name, UInt64(size)))
-            }
-        }
-        return MigrationOffer(configuration: configuration, metadata: offer["metadata"] ?? .null, storage: storage, files: files)
+        try MigrationOffer(json: try stream.receiveJSON(.offer))
     }
 
     /// Receives the offer's files in order; `write(index, offset, bytes)` stores each piece.
@@ -208,7 +216,10 @@ public final class MigrationReceiver: @unchecked Sendable {
     /// Starts the machine paused (its state put back), says `prepared`, waits for `go`, resumes
     /// the guest and says `running`. Returns the nanoseconds from entering to resuming. Throws
     /// (the machine stopped) when `go` does not come.
-    public func switchOver(_ machine: Machine) throws(MigrationError) -> UInt64 {
+    ///
+    /// `commit` runs after `go`, before the guest resumes: the caller makes the VM its own there
+    /// (hvrun: the bundle stops being an incoming one). If it throws, the guest does not run.
+    public func switchOver(_ machine: Machine, commit: () throws(MigrationError) -> Void = {}) throws(MigrationError) -> UInt64 {
         let start = monotonicNanoseconds()
         do throws(MachineError) { try machine.start(paused: true) } catch {
             stream.abort("the destination cannot start the machine: \(error)")
@@ -217,6 +228,7 @@ public final class MigrationReceiver: @unchecked Sendable {
         do throws(MigrationError) {
             try stream.send(.prepared, json: .object([]))
             _ = try stream.receive(.go)
+            try commit()
         } catch {
             machine.stop()
             stream.abort("the destination will not run the guest: \(error)")
