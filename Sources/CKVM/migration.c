@@ -49,3 +49,10 @@ long ckvm_writev(int fd, const void *const *bases, const size_t *lengths, int co
     ssize_t n = writev(fd, vec, count);
     return n < 0 ? -errno : n;
 }
+
+#include <sys/prctl.h>
+#include <signal.h>
+
+int ckvm_set_parent_death_signal(int signal) {
+    return prctl(PR_SET_PDEATHSIG, (unsigned long)signal, 0, 0, 0) == 0 ? 0 : -errno;
+}

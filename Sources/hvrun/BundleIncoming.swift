@@ -23,6 +23,10 @@ final class BundleIncoming {
         }
         offer = try MigrationOffer(json: try JSONValue.parse(Array(marker[(newline + 1)...])))
         receiver = MigrationReceiver(stream: MigrationStream(fd: fd))
+        let parent = Int32(String(decoding: marker[..<newline], as: UTF8.self)) ?? -1
+        guard ParentDeathSignal.kill(whenParentDies: parent) else {
+            throw StoreError.failed("hvrun vm receive (pid \(parent)) ended before the VM process started")
+        }
     }
 
     deinit { close(fd) }
@@ -46,6 +50,7 @@ final class BundleIncoming {
         let resumed = try receiver.switchOver(machine) { () throws(MigrationError) in
             // From here the VM is this store's: a failure after this point leaves it here.
             guard unlink(bundle.incomingPath) == 0 else { throw .io(operation: "unlink \(bundle.incomingPath)", errno: errno) }
+            ParentDeathSignal.clear()
         }
         printError("hvrun: VM \(bundle.name): received by live migration; running here (resumed \(Double(resumed / 1000) / 1000) ms after the last section)")
     }

@@ -29,6 +29,8 @@ struct VMMoveCommand: ParsableCommand {
     var timeout: Double?
     @Option(help: ArgumentHelp("Storage migration on this host: move the running VM's disks into this directory.", valueName: "dir"))
     var storageOnly: String?
+    @Option(help: ArgumentHelp("Cap the pre-copy's send rate, in MB/s (the switch-over is never capped).", valueName: "mbps"))
+    var maxBandwidth: Double?
     @Flag(help: "Do not slow the guest's vCPUs when it dirties memory faster than the link carries it.")
     var noAutoConverge = false
     @Flag(help: "Print one JSON object: passes, bytes_sent, total_ms, downtime_ms and more.")
@@ -72,6 +74,7 @@ struct VMMoveCommand: ParsableCommand {
                 ("metadata", .object([("name", .string(name)), ("vm", vm)])), ("files", .array(files)),
             ]
             if let timeout { arguments.append(("timeout_s", .double(timeout))) }
+            if let maxBandwidth { arguments.append(("max_bandwidth_mbps", .double(maxBandwidth))) }
             let connection = try ControlConnection(path: bundle.controlSocketPath)
             try connection.execute("migrate", arguments: arguments)
             let terminal = !json && isatty(1) == 1

@@ -40,7 +40,7 @@ struct MigrationProtocolTests {
         #expect(try MigrationEndpoint(parsing: "tcp:localhost:1") == .tcp(host: "localhost", port: 1))
         #expect(try MigrationEndpoint(parsing: "[::1]:80") == .tcp(host: "::1", port: 80))
         #expect(try MigrationEndpoint(parsing: "unix:/tmp/x.sock") == .unix(path: "/tmp/x.sock"))
-        for bad in ["", "host", "host:", ":80", "host:0", "host:70000", "unix:"] {
+        for bad in ["", "host", "host:", ":80", "host:70000", "unix:"] {
             #expect(throws: MigrationError.self, "\(bad)") { try MigrationEndpoint(parsing: bad) }
         }
     }

@@ -12,5 +12,8 @@ int ckvm_crc32c_hardware(void);
 uint32_t ckvm_crc32c(uint32_t crc, const void *_Nonnull p, size_t n);
 /// writev over `count` (≤ 1024) buffers. Returns bytes written or -errno.
 long ckvm_writev(int fd, const void *_Nonnull const *_Nonnull bases, const size_t *_Nonnull lengths, int count);
+/// prctl(PR_SET_PDEATHSIG): `signal` (0: none) is sent to this process when its parent ends.
+/// Returns 0 or -errno.
+int ckvm_set_parent_death_signal(int signal);
 
 #endif

@@ -126,6 +126,10 @@ extension ControlServer {
                 parsed.timeoutSeconds = timeout
             }
             if let autoConverge = arguments["auto_converge"], case let .bool(value) = autoConverge { parsed.autoConverge = value }
+            if let bandwidth = arguments["max_bandwidth_mbps"]?.doubleValue {
+                guard bandwidth > 0 else { throw .usage("max_bandwidth_mbps must be positive") }
+                parsed.maxBandwidthBytesPerSecond = bandwidth * 1e6
+            }
             parsed.metadata = arguments["metadata"] ?? .object([])
             if case let .array(files)? = arguments["files"] {
                 for file in files {

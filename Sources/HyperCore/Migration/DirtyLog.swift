@@ -111,6 +111,9 @@ final class VCPUThrottle: @unchecked Sendable {
 }
 
 extension Machine {
+    /// True while the machine is paused (the switch-over: never rate-limited).
+    var isPausedForMigration: Bool { runState == .paused }
+
     /// Turns KVM's dirty-page logging on or off on every memory slot (`KVM_MEM_LOG_DIRTY_PAGES`;
     /// changing a slot's flags keeps its contents). Turning it on starts with an empty log.
     func setDirtyLogging(_ enabled: Bool) throws(KVMError) {

@@ -17,7 +17,7 @@ public enum MigrationEndpoint: Sendable, Equatable, CustomStringConvertible {
             return
         }
         let stripped = text.hasPrefix("tcp:") ? String(text.dropFirst(4)) : text
-        guard let colon = stripped.lastIndex(of: ":"), let port = UInt16(stripped[stripped.index(after: colon)...]), port > 0 else {
+        guard let colon = stripped.lastIndex(of: ":"), let port = UInt16(stripped[stripped.index(after: colon)...]) else {
             throw .usage("'\(text)' is not an address: use HOST:PORT (TCP) or unix:PATH")
         }
         var host = String(stripped[..<colon])
@@ -174,4 +174,17 @@ public enum MigrationEndpoint: Sendable, Equatable, CustomStringConvertible {
             setsockopt(fd, Int32(IPPROTO_TCP), TCP_NODELAY, &one, socklen_t(MemoryLayout<Int32>.size))
         }
     }
+}
+
+/// Ties a receiving process's life to the command that started it (prctl `PR_SET_PDEATHSIG`):
+/// if `hvrun vm receive` dies before the switch-over, the VM process it spawned dies too, and
+/// the migration fails cleanly instead of finishing with nobody to report it.
+public enum ParentDeathSignal {
+    /// Returns false if the parent is already gone (its pid is no longer our parent).
+    public static func kill(whenParentDies expectedParent: Int32) -> Bool {
+        _ = ckvm_set_parent_death_signal(SIGKILL)
+        return getppid() == expectedParent
+    }
+
+    public static func clear() { _ = ckvm_set_parent_death_signal(0) }
 }

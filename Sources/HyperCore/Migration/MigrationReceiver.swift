@@ -114,6 +114,9 @@ public final class MigrationReceiver: @unchecked Sendable {
         let saved = offer.configuration
         let memory: GuestMemory
         do throws(GuestMemoryError) { memory = try GuestMemory(size: saved.memorySize) } catch { throw .machine("\(error)") }
+        // Without disks the machine (KVM VM, irqchip, devices) is built now, off the downtime;
+        // disks are opened only once the source has flushed them (the state has arrived).
+        let early: Machine? = saved.virtio.contains { $0.disk != nil } ? nil : try assemble(offer, disks: [], memory: memory, options: options)
         try stream.send(.ready, json: .object([]))
         while true {
             let (type, length, crc) = try stream.receiveHeader()
@@ -135,6 +138,10 @@ public final class MigrationReceiver: @unchecked Sendable {
                 let complete = try stream.receiveJSON(.complete)
                 guard complete["pages"]?.int64Value == Int64(pagesReceived) else {
                     throw .protocolViolation("the sender sent \(complete["pages"]?.rendered() ?? "?") pages, \(pagesReceived) arrived")
+                }
+                if let early {
+                    try place(snapshot, into: early, memory: memory)
+                    return early
                 }
                 return try build(offer, snapshot: snapshot, memory: memory, options: options)
             case .abort:
@@ -200,17 +207,36 @@ public final class MigrationReceiver: @unchecked Sendable {
                 }
                 paths.append(path)
             }
-            let configuration = try Machine.restoredConfiguration(saved, diskPaths: paths, options: options, source: "the migration stream")
-            let machine: Machine
-            do throws(MachineError) { machine = try Machine(configuration, restoring: nil, incoming: memory) } catch {
-                throw SnapshotError.machine("\(error)")
-            }
-            try machine.checkDeviceLayout(snapshot, source: "the migration stream")
-            machine.restoreBox.update { $0 = RestorePlan(snapshot: snapshot, memory: memory) }
-            return machine
         } catch {
             throw .machine("\(error)")
         }
+        let machine = try assemble(offer, disks: paths, memory: memory, options: options)
+        try place(snapshot, into: machine, memory: memory)
+        return machine
+    }
+
+    /// The machine the offer describes, on `memory`, not started and without its state.
+    private func assemble(_ offer: MigrationOffer, disks paths: [String], memory: GuestMemory, options: RestoreOptions) throws(MigrationError) -> Machine {
+        do throws(SnapshotError) {
+            let configuration = try Machine.restoredConfiguration(offer.configuration, diskPaths: paths, options: options, source: "the migration stream")
+            do throws(MachineError) { return try Machine(configuration, restoring: nil, incoming: memory) } catch {
+                throw SnapshotError.machine("\(error)")
+            }
+        } catch {
+            throw .machine("\(error)")
+        }
+    }
+
+    /// Checks the state against the machine's devices and gives it to the machine for its start.
+    private func place(_ snapshot: MachineSnapshot, into machine: Machine, memory: GuestMemory) throws(MigrationError) {
+        guard snapshot.vcpus.count == snapshot.configuration.cpuCount,
+              snapshot.vcpus.enumerated().allSatisfy({ UInt32($0.offset) == $0.element.id }) else {
+            throw .protocolViolation("the state holds \(snapshot.vcpus.count) vCPU states for \(snapshot.configuration.cpuCount) vCPUs")
+        }
+        do throws(SnapshotError) { try machine.checkDeviceLayout(snapshot, source: "the migration stream") } catch {
+            throw .protocolViolation("\(error)")
+        }
+        machine.restoreBox.update { $0 = RestorePlan(snapshot: snapshot, memory: memory) }
     }
 
     /// Starts the machine paused (its state put back), says `prepared`, waits for `go`, resumes

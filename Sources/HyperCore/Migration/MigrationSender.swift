@@ -21,6 +21,9 @@ public struct MigrationOptions: Sendable {
     public var files: [MigrationFile] = []
     /// How long to wait for the peer at any step before giving up.
     public var peerTimeoutSeconds: Double = 30
+    /// Caps the pre-copy's send rate (bytes per second; nil: as fast as the link goes). The
+    /// switch-over is never capped.
+    public var maxBandwidthBytesPerSecond: Double?
 
     public init() {}
 }
@@ -405,7 +408,16 @@ public final class MigrationSender: @unchecked Sendable {
                 return nil
             }
             if let failure { throw failure }
+            try limitRate()
         }
+    }
+
+    /// Sleeps as long as the pre-copy is ahead of ``MigrationOptions/maxBandwidthBytesPerSecond``.
+    private func limitRate() throws(MigrationError) {
+        guard let limit = options.maxBandwidthBytesPerSecond, !machine.isPausedForMigration else { return }
+        let due = Double(stream.bytesSent) / limit
+        let elapsed = Double(monotonicNanoseconds() - started) / 1e9
+        if due > elapsed { usleep(UInt32(min(1.0, due - elapsed) * 1e6)) }
     }
 
     static func hex(_ bytes: [UInt8]) -> String {

@@ -191,6 +191,15 @@ public final class MigrationStream: @unchecked Sendable {
     func writeVector(_ buffers: [(UnsafeRawPointer, Int)]) throws(MigrationError) {
         var remaining = buffers
         while !remaining.isEmpty {
+            // A peer that stops reading (hung, or a full pipe nobody drains) must not block the
+            // sender forever: wait for room at most as long as a read waits for data.
+            var entry = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
+            let ready = poll(&entry, 1, Int32(readTimeoutSeconds * 1000))
+            if ready < 0 {
+                if errno == EINTR { continue }
+                throw .io(operation: "poll", errno: errno)
+            }
+            guard ready > 0 else { throw .timeout("the peer took nothing for \(Int(readTimeoutSeconds)) s") }
             let chunk = Array(remaining.prefix(1024))
             let bases = chunk.map { Optional($0.0) }
             let lengths = chunk.map { $0.1 }
