@@ -60,9 +60,10 @@ struct VMMoveCommand: ParsableCommand {
             if mode == "shared", let local = configuration.disks.first(where: \.isInBundle) {
                 throw StoreError.invalid("disk \(local.path) is inside the VM's directory, which the destination cannot see: use --storage copy")
             }
-            if !writable.isEmpty {
-                throw StoreError.failed("moving a VM with writable disks is not implemented yet (disks: \(writable.map(\.path).joined(separator: ", ")))")
+            if mode == "copy", !configuration.disks.isEmpty {
+                throw StoreError.failed("--storage copy is not implemented yet (disks: \(configuration.disks.map(\.path).joined(separator: ", "))); with disk files both hosts see, use --storage shared")
             }
+            _ = writable
             let vm = try JSONValue.parse(try StoreFiles.read(bundle.configurationPath))
             var files: [JSONValue] = [.object([("name", .string("kernel")), ("path", .string(bundle.file(configuration.boot.kernel)))])]
             if let initrd = configuration.boot.initrd {

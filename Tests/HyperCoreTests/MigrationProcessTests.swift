@@ -192,6 +192,36 @@ struct MigrationProcessTests {
         print("moved over \(transport): \(moved.stdout)")
     }
 
+    @Test("shared storage: a guest writing its disk every step moves; the destination opens the disk the source closed and the guest reads back every sector",
+          .timeLimit(.minutes(3)), arguments: ["raw", "vhdx"])
+    func sharedDisk(_ kind: String) throws {
+        let source = try Store(), destination = try Store()
+        let disks = try TemporaryDirectory()
+        let steps = 300
+        let line = "steps=\(steps) ticks=1 dirty=64 dirtymb=16 blk=1"
+        let referenceDisk = try #require(try SnapshotProcessTests.makeDisk(kind, in: disks, name: "reference"))
+        let reference = try TestHost.hvrun(["run", "--kernel", try GuestImages.path("stateful.elf"), "--memory", "256M", "--disk", referenceDisk,
+                                            "--cmdline", line, "--timeout", "60"], timeoutSeconds: 90)
+        #expect(reference.status == 0x41, "\(reference.stdout)\(reference.stderr)")
+        let expected = try #require(SnapshotProcessTests.result(reference.stdout))
+        let disk = try #require(try SnapshotProcessTests.makeDisk(kind, in: disks, name: "shared"))
+        #expect(try source.run(["vm", "create", "disky", "--kernel", try GuestImages.path("stateful.elf"), "--memory", "256M",
+                                "--disk", disk, "--cmdline", line]).status == 0)
+        #expect(try source.run(["vm", "start", "disky"]).status == 0)
+        #expect(source.waitFor { source.consoleLog("disky").contains("step=40\n") })
+        let sourceLog = LogReader(source.bundle("disky").consoleLogPath)
+        let (receiver, address, token) = try Self.receive(destination, listen: "unix:" + destination.directory.file("in.sock"))
+        let moved = try source.run(["vm", "move", "disky", "--to", address, "--token", token, "--storage", "shared", "--json"])
+        #expect(moved.status == 0, "\(moved.stdout)\(moved.stderr)\n\(receiver.errors)")
+        #expect(receiver.wait(timeoutSeconds: 30) == 0, "\(receiver.output)\(receiver.errors)")
+        #expect(try destination.waitFor(timeoutSeconds: 60) { try destination.state("disky") == "off" })
+        let combined = sourceLog.text + destination.consoleLog("disky")
+        #expect(SnapshotProcessTests.steps(combined) == Array(1...steps), "\(combined.suffix(2000))")
+        #expect(destination.consoleLog("disky").contains("disk_ok=\(steps)"), "\(destination.consoleLog("disky").suffix(800))")
+        #expect(SnapshotProcessTests.result(destination.consoleLog("disky")) == expected)
+        #expect(StoreFiles.exists(disk), "a shared disk outside the bundle stays")
+    }
+
     @Test("a wrong token is refused: the VM runs on at the source, nothing is left at the destination", .timeLimit(.minutes(2)))
     func wrongToken() throws {
         let source = try Store(), destination = try Store()

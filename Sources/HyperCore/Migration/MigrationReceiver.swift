@@ -132,7 +132,7 @@ public final class MigrationReceiver: @unchecked Sendable {
                 } catch {
                     throw .protocolViolation("the machine state does not decode: \(error)")
                 }
-                guard snapshot.configuration == saved else {
+                guard Self.sameMachine(snapshot.configuration, saved) else {
                     throw .protocolViolation("the machine state describes another machine than the offer")
                 }
                 let complete = try stream.receiveJSON(.complete)
@@ -225,6 +225,17 @@ public final class MigrationReceiver: @unchecked Sendable {
         } catch {
             throw .machine("\(error)")
         }
+    }
+
+    /// The same machine, disks' identities aside (the source closes its disks at the switch-over,
+    /// after the offer was made; the state carries the identities the destination must find).
+    static func sameMachine(_ a: SnapshotConfiguration, _ b: SnapshotConfiguration) -> Bool {
+        func strip(_ value: SnapshotConfiguration) -> SnapshotConfiguration {
+            var copy = value
+            for index in copy.virtio.indices { copy.virtio[index].disk?.identity = DiskIdentity(format: "", virtualSize: 0) }
+            return copy
+        }
+        return strip(a) == strip(b)
     }
 
     /// Checks the state against the machine's devices and gives it to the machine for its start.

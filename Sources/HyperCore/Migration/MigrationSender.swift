@@ -138,6 +138,7 @@ public final class MigrationSender: @unchecked Sendable {
         var goSent = false
         var pausedByUs = false
         var logging = false
+        var handedOver: [(index: Int, path: String)] = []
         let wasRunning = machine.runState == .running
         do throws(MigrationError) {
             guard machine.runState == .running || machine.runState == .paused else {
@@ -162,10 +163,11 @@ public final class MigrationSender: @unchecked Sendable {
             report.finalPages = final.count
             try sendPages(final, skipZero: false, &report)
             report.passes += 1
-            let snapshot: MachineSnapshot
+            var snapshot: MachineSnapshot
             do throws(SnapshotError) { snapshot = try machine.captureState() } catch {
                 throw .machine("capturing the machine state: \(error)")
             }
+            handedOver = try handOverDisks(&snapshot)
             let state: [UInt8]
             do throws(StateCodingError) { state = Array(try StateCoder.encode(snapshot).rendered().utf8) } catch {
                 throw .machine("encoding the machine state: \(error)")
@@ -198,9 +200,47 @@ public final class MigrationSender: @unchecked Sendable {
                 throw .switchOverUnknown("\(error)")
             }
             stream.abort("\(error)")
+            let reopened = takeBackDisks(handedOver)
             if pausedByUs { try? machine.resume() }
+            if let reopened { throw .machine("\(error); and taking its disks back failed: \(reopened)") }
             throw error
         }
+    }
+
+    /// Shared storage: the source closes its writable disks (VHDX: log applied, headers clean) so
+    /// that the destination opens them as a clean file, and records their identity after the close.
+    private func handOverDisks(_ snapshot: inout MachineSnapshot) throws(MigrationError) -> [(index: Int, path: String)] {
+        var closed: [(index: Int, path: String)] = []
+        var diskIndex = 0
+        let backends = machine.blockBackends
+        for (deviceIndex, device) in snapshot.configuration.virtio.enumerated() where device.disk != nil {
+            defer { diskIndex += 1 }
+            guard let disk = device.disk, !disk.readOnly, diskIndex < backends.count else { continue }
+            do {
+                try backends[diskIndex].close()
+                closed.append((diskIndex, disk.path))
+                snapshot.configuration.virtio[deviceIndex].disk?.identity = try DiskIdentity.current(path: disk.path)
+            } catch {
+                _ = takeBackDisks(closed)
+                throw .machine("closing disk \(disk.path) for the destination: \(error)")
+            }
+        }
+        return closed
+    }
+
+    /// Reopens the disks handed over (the migration failed before the destination took them).
+    /// Returns what failed, if anything.
+    private func takeBackDisks(_ disks: [(index: Int, path: String)]) -> String? {
+        var failures: [String] = []
+        for (index, path) in disks {
+            do {
+                let backend = try openDisk(path: path, readOnly: false)
+                try machine.replaceDisk(index, with: backend)
+            } catch {
+                failures.append("\(path): \(error)")
+            }
+        }
+        return failures.isEmpty ? nil : failures.joined(separator: "; ")
     }
 
     // MARK: Handshake
