@@ -87,7 +87,8 @@ public final class OutgoingMigration: @unchecked Sendable {
          ("total_ms", milliseconds(report.totalNanoseconds)), ("downtime_ms", milliseconds(report.downtimeNanoseconds)),
          ("destination_resume_ms", milliseconds(report.destinationResumeNanoseconds)),
          ("max_throttle_percent", .number(Int64(report.maximumThrottlePercent))),
-         ("bandwidth_mbps", .double((report.bandwidthBytesPerSecond / 1e6 * 10).rounded() / 10))]
+         ("bandwidth_mbps", .double((report.bandwidthBytesPerSecond / 1e6 * 10).rounded() / 10)),
+         ("switchover_ms", .object(report.switchOverPhases.map { ($0.0, milliseconds($0.1)) }))]
     }
 }
 

@@ -196,7 +196,8 @@ public final class MigrationReceiver: @unchecked Sendable {
         guard snapshot.vcpus.count == saved.cpuCount, snapshot.vcpus.enumerated().allSatisfy({ UInt32($0.offset) == $0.element.id }) else {
             throw .protocolViolation("the state holds \(snapshot.vcpus.count) vCPU states for \(saved.cpuCount) vCPUs")
         }
-        let disks = saved.virtio.compactMap(\.disk)
+        // The identities the source recorded when it closed the disks at the switch-over.
+        let disks = snapshot.configuration.virtio.compactMap(\.disk)
         var paths: [String] = []
         do throws(SnapshotError) {
             for (index, disk) in disks.enumerated() {

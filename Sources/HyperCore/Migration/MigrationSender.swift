@@ -70,6 +70,10 @@ public struct MigrationReport: Sendable {
     public var destinationResumeNanoseconds: UInt64 = 0
     public var maximumThrottlePercent = 0
     public var bandwidthBytesPerSecond: Double = 0
+    /// Where the downtime went, in order: `pause`, `final_pages`, `capture` (state captured and
+    /// encoded), `send_state`, `prepared` (the destination checked and started the machine),
+    /// `running` (go → the destination's confirmation); nanoseconds each.
+    public var switchOverPhases: [(String, UInt64)] = []
 }
 
 /// The source side of a live migration over any connected stream (``MigrationStream``).
@@ -154,15 +158,23 @@ public final class MigrationSender: @unchecked Sendable {
             // Switch-over.
             update { $0.phase = .switchover }
             let pauseStart = monotonicNanoseconds()
+            var mark = pauseStart
+            func phase(_ name: String) {
+                let now = monotonicNanoseconds()
+                report.switchOverPhases.append((name, now - mark))
+                mark = now
+            }
             if wasRunning {
                 do throws(MachineError) { try machine.pause() } catch { throw .machine("cannot pause: \(error)") }
                 pausedByUs = true
             }
+            phase("pause")
             machine.lifecycle.throttle.clear()
             let final = try dirtyPages()
             report.finalPages = final.count
             try sendPages(final, skipZero: false, &report)
             report.passes += 1
+            phase("final_pages")
             var snapshot: MachineSnapshot
             do throws(SnapshotError) { snapshot = try machine.captureState() } catch {
                 throw .machine("capturing the machine state: \(error)")
@@ -172,13 +184,17 @@ public final class MigrationSender: @unchecked Sendable {
             do throws(StateCodingError) { state = Array(try StateCoder.encode(snapshot).rendered().utf8) } catch {
                 throw .machine("encoding the machine state: \(error)")
             }
+            phase("capture")
             try stream.send(.state, state)
             try stream.send(.complete, json: .object([("pages", .number(Int64(report.pagesSent))),
                                                       ("passes", .number(Int64(report.passes)))]))
+            phase("send_state")
             _ = try stream.receiveJSON(.prepared)
+            phase("prepared")
             try stream.send(.go, [])
             goSent = true
             let running = try stream.receiveJSON(.running)
+            phase("running")
             let end = monotonicNanoseconds()
             report.downtimeNanoseconds = end - pauseStart
             report.destinationResumeNanoseconds = UInt64(max(0, running["resume_ns"]?.int64Value ?? 0))
