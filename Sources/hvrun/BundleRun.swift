@@ -14,17 +14,20 @@ import Glibc
 /// another process holds the VM, else as `hvrun run`.
 struct BundleRun {
     let bundle: VMBundle
+    /// A live migration's connection to receive the VM from (`hvrun vm receive`; BundleIncoming.swift).
+    let incomingFD: Int32?
 
-    init(path: String) {
+    init(path: String, incomingFD: Int32? = nil) {
         let absolute = StoreFiles.absolute(path)
         let name = absolute.split(separator: "/").last.map(String.init) ?? absolute
         bundle = VMBundle(name: name, path: absolute)
+        self.incomingFD = incomingFD
     }
 
     func run() throws -> Int32 {
         // Nothing the starting command had open (a caller's pipes, say) stays open in a process
         // that outlives it.
-        for fd in 3..<Int32(1024) { close(fd) }
+        for fd in 3..<Int32(1024) where fd != incomingFD { close(fd) }
         guard let lock = try FileLock.acquire(bundle.lockPath, wait: false) else {
             printError("hvrun: VM \(bundle.name) is running (another process holds \(bundle.lockPath))")
             return 2
@@ -40,7 +43,18 @@ struct BundleRun {
             try VMCheckpointStore(bundle: bundle).recover()
             configuration = try bundle.configuration()
         }
-        let nics = try BundleNICs(configuration, store: SwitchStore(root: bundle.storeRoot))
+        var incoming: BundleIncoming?
+        if let incomingFD {
+            do { incoming = try BundleIncoming(bundle: bundle, fd: incomingFD) } catch {
+                BundleIncoming.discard(bundle)
+                throw error
+            }
+        }
+        let nics: BundleNICs
+        do { nics = try BundleNICs(configuration, store: SwitchStore(root: bundle.storeRoot)) } catch {
+            if incoming != nil { BundleIncoming.discard(bundle) }
+            throw error
+        }
         defer { withExtendedLifetime(nics) {} }
 
         let console = try VMConsoleServer(logPath: bundle.consoleLogPath, socketPath: bundle.consoleSocketPath)
@@ -54,13 +68,18 @@ struct BundleRun {
         while true {
             let disks = RunDisks()
             let exit: MachineExit
+            let moved: Bool
             do {
-                exit = try runOnce(configuration, restoring: restoreFrom, disks: disks, nics: nics, console: console, stop: stop)
+                (exit, moved) = try runOnce(configuration, restoring: restoreFrom, incoming: incoming, disks: disks, nics: nics,
+                                            console: console, stop: stop)
             } catch {
                 for failure in disks.closeAll() { printError("hvrun: \(failure)") }
+                if incoming != nil { BundleIncoming.discard(bundle) }
                 throw error
             }
             restoreFrom = nil
+            incoming = nil
+            if moved { return BundleIncoming.finishMoved(bundle, disks: disks) }
             // Checkpoints taken while it ran moved its disks onto new files: boot again on those.
             configuration = try bundle.configuration()
             var status = RunCommand.status(for: exit, signal: stop.signal)
@@ -77,10 +96,13 @@ struct BundleRun {
     }
 
     /// Boots (or restores) the machine once and runs it to its end.
-    private func runOnce(_ configuration: VMConfiguration, restoring saved: String?, disks: RunDisks, nics: BundleNICs,
-                         console: VMConsoleServer, stop: StopRequest) throws -> MachineExit {
+    private func runOnce(_ configuration: VMConfiguration, restoring saved: String?, incoming: BundleIncoming?, disks: RunDisks,
+                         nics: BundleNICs, console: VMConsoleServer, stop: StopRequest) throws -> (MachineExit, moved: Bool) {
         let machine: Machine
-        if let saved {
+        if let incoming {
+            machine = try incoming.receiveMachine(configuration, console: console)
+            disks.adoptDisks(of: machine)
+        } else if let saved {
             var options = RestoreOptions()
             options.console = console
             options.diskPaths = configuration.disks.map { bundle.activePath(of: $0) }
@@ -108,7 +130,7 @@ struct BundleRun {
             for nic in nics.devices { machineConfiguration.virtioDevices.append(.init(.network(nic.backend, mac: nic.mac), transport: .pci)) }
             machine = try Machine(machineConfiguration)
         }
-        guard !stop.attach(machine) else { return .stopped }
+        guard !stop.attach(machine) else { return (.stopped, false) }
         console.attach(machine.serial)
         let server = try ControlServer(path: bundle.controlSocketPath, machine: machine)
         server.onStop = { stop.requestFromControl() }
@@ -116,7 +138,7 @@ struct BundleRun {
         checkpoints.install(on: server)
         defer { server.close() }
         do {
-            try machine.start()
+            if let incoming { try incoming.switchOver(machine) } else { try machine.start() }
             try server.start()
         } catch {
             machine.stop()
@@ -139,6 +161,6 @@ struct BundleRun {
         // this machine's disks, which close next); the rest stays pending for the next start.
         checkpoints.waitUntilIdle()
         disks.adoptDisks(of: machine)
-        return exit
+        return (exit, server.outgoing.hasMoved)
     }
 }

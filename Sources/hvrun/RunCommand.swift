@@ -94,6 +94,9 @@ struct RunCommand: ParsableCommand {
     /// Internal: run the store VM in this bundle directory (what `hvrun vm start` spawns).
     @Option(help: .private)
     var bundle: String?
+    /// Internal: with --bundle, receive the VM from a live migration on this descriptor (what `hvrun vm receive` spawns).
+    @Option(help: .private)
+    var incomingFd: Int32?
 
     func validate() throws {
         if bundle != nil { return }
@@ -118,7 +121,7 @@ struct RunCommand: ParsableCommand {
     }
 
     func run() throws {
-        if let bundle { throw ExitCode(try BundleRun(path: bundle).run()) }
+        if let bundle { throw ExitCode(try BundleRun(path: bundle, incomingFD: incomingFd).run()) }
         // SIGUSR1 (with --save-on-signal), SIGINT and SIGTERM are blocked and collected before any
         // disk is opened or thread started, so each ends in the same orderly shutdown: stop the
         // machine, close every disk, then exit.

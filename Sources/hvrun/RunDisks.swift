@@ -12,6 +12,10 @@ import Synchronization
 final class RunDisks {
     private(set) var opened: [(path: String, backend: any BlockBackend)] = []
 
+    /// Forgets every disk without touching it: after a live migration the source closed them at
+    /// the switch-over, and the destination owns them now.
+    func abandonAll() { opened = [] }
+
     /// Opens `disk` and keeps it for ``closeAll()``.
     func open(_ disk: DiskOption) throws(VHDXError) -> any BlockBackend {
         let backend = try openDisk(path: disk.path, readOnly: disk.readOnly)

@@ -19,7 +19,7 @@ struct VMCommand: ParsableCommand {
         subcommands: [VMCreateCommand.self, VMListCommand.self, VMInfoCommand.self, VMStartCommand.self,
                       VMPauseCommand.self, VMResumeCommand.self, VMSaveCommand.self, VMStopCommand.self,
                       VMDeleteCommand.self, VMLogCommand.self, VMConsoleCommand.self, VMCheckpointCommand.self,
-                      VMExportCommand.self, VMImportCommand.self]
+                      VMExportCommand.self, VMImportCommand.self, VMMoveCommand.self, VMReceiveCommand.self]
     )
 }
 

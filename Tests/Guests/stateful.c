@@ -20,11 +20,15 @@
  * about 100 Hz), blk=1, con=1, mmio=1 (virtio-mmio through
  * virtio_mmio.device=, else virtio-pci), cpus=N (1), touch=MIB (writes one
  * qword in every 4 KiB page of MIB MiB at 64 MiB once at start, so that a
- * snapshot carries that much non-zero RAM).
+ * snapshot carries that much non-zero RAM), dirty=N (writes N pages a timer tick
+ * across dirtymb=MIB MiB at 128 MiB, default 64: each page's first qword is
+ * checked to hold what the guest last wrote there before the new value goes
+ * in, so a page a migration lost or sent stale is caught; at the end every
+ * page of the region is checked).
  *
  * Output (COM1): `stateful steps=N cpus=N blk=B con=C`, `touch=MIB` (with
  * touch), then `step=k` per step; at the end `pages_ok=N`, `disk_ok=N`
- * (blk), `touched_ok=PAGES` (touch), `uart_irqs=N`, `aps_ok=N-1` (cpus>1),
+ * (blk), `touched_ok=PAGES` (touch), `dirty_ok=WRITES` (dirty), `uart_irqs=N`, `aps_ok=N-1` (cpus>1),
  * `result=0x<hash of steps, page and sector contents>`; timing-dependent
  * lines start with `info `. Debug exit 0x41, or `error=…` and 0x7F.
  */
@@ -57,6 +61,7 @@
 
 #define PAGES_BASE	(16ul << 20)	/* page k (1..steps) of the marked region */
 #define TOUCH_BASE	(64ul << 20)
+#define DIRTY_BASE	(128ul << 20)
 #define MAX_STEPS	4096		/* the marked region ends below TOUCH_BASE */
 #define MAX_CPUS	16
 
@@ -71,6 +76,7 @@
 #define SEED_PAGE	0x5354415445465531ul
 #define SEED_SECTOR	0x5354415445445331ul
 #define SEED_TOUCH	0x5354415445545531ul
+#define SEED_DIRTY	0x5354415445445931ul
 
 #define cli() __asm__ volatile("cli" ::: "memory")
 /* Sleeps until an interrupt has been handled; interrupts stay off otherwise. */
@@ -149,11 +155,45 @@ static void timer_start(u8 vector)
 	mmio_write32(LAPIC + LAPIC_TIMER_INIT, TIMER_COUNT);
 }
 
+/* ---- dirtying ---- */
+
+static u64 dirty_per_tick, dirty_pages, dirty_cursor, dirty_tick;
+
+static u64 dirty_expected(u64 p, u64 writes)	/* value of page p after `writes` page writes */
+{
+	u64 laps = writes / dirty_pages + (p < writes % dirty_pages ? 1 : 0);
+	return laps ? pattern(SEED_DIRTY, p, laps) : 0;
+}
+
+/* N page writes for each tick since the last call (at most 100 ticks' worth at once). */
+static void dirty_catch_up(void)
+{
+	if (!dirty_per_tick)
+		return;
+	u64 now = ticks, due = now - dirty_tick;
+	if (due > 100)
+		due = 100;
+	dirty_tick = now;
+	for (u64 n = due * dirty_per_tick; n; n--) {
+		u64 p = dirty_cursor % dirty_pages;
+		volatile u64 *q = (volatile u64 *)(DIRTY_BASE + p * 4096);
+		u64 lap = dirty_cursor / dirty_pages;
+		if (*q != (lap ? pattern(SEED_DIRTY, p, lap) : 0)) {
+			printf("error=dirty page=%lu write=%lu\n", p, dirty_cursor);
+			debug_exit(EXIT_FAILURE);
+		}
+		*q = pattern(SEED_DIRTY, p, lap + 1);
+		dirty_cursor++;
+	}
+}
+
 /* Sleeps until `ticks` reaches `target`. */
 static void wait_ticks(u64 target)
 {
-	while (ticks < target)
+	while (ticks < target) {
 		sleep();
+		dirty_catch_up();
+	}
 }
 
 /* ---- application processors ---- */
@@ -338,10 +378,13 @@ void guest_main(struct hvm_start_info *si)
 	u64 steps = arg("steps", 40, MAX_STEPS), per_step = arg("ticks", 5, 1000);
 	u64 blk = arg("blk", 0, 1), con = arg("con", 0, 1), mmio = arg("mmio", 0, 1);
 	u64 cpus = arg("cpus", 1, MAX_CPUS), touch = arg("touch", 0, 4096);
+	dirty_per_tick = arg("dirty", 0, 65536);
+	dirty_pages = arg("dirtymb", 64, 1u << 20) << 8;
 	if (!steps || !per_step || !cpus)
 		fail("steps, ticks and cpus must be at least 1");
 	u64 ram_end = pvh_ram_bytes(si) + (1ul << 20);	/* roughly: RAM starts at 0 and 1 MiB */
-	if (PAGES_BASE + (steps + 1) * 4096 > ram_end || (touch && TOUCH_BASE + (touch << 20) > ram_end))
+	if (PAGES_BASE + (steps + 1) * 4096 > ram_end || (touch && TOUCH_BASE + (touch << 20) > ram_end)
+	    || (dirty_per_tick && (DIRTY_BASE + dirty_pages * 4096 > ram_end || !dirty_pages)))
 		fail("not enough RAM");
 	printf("stateful steps=%lu cpus=%lu blk=%lu con=%lu\n", steps, cpus, blk, con);
 
@@ -452,6 +495,15 @@ void guest_main(struct hvm_start_info *si)
 			h = mix(h, v);
 		}
 		printf("touched_ok=%lu\n", touch << 8);
+	}
+	if (dirty_per_tick) {
+		for (u64 p = 0; p < dirty_pages; p++) {
+			if (*(volatile u64 *)(DIRTY_BASE + p * 4096) != dirty_expected(p, dirty_cursor)) {
+				printf("error=dirty page=%lu at end\n", p);
+				debug_exit(EXIT_FAILURE);
+			}
+		}
+		printf("dirty_ok=%lu\n", dirty_cursor);
 	}
 	if (uart_irqs != steps || uart_other) {
 		printf("error=uart_irqs %lu other=%lu\n", uart_irqs, uart_other);

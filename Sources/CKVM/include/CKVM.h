@@ -282,5 +282,7 @@ static inline int ckvm_cmpxchg16b(void *_Nonnull p, uint64_t *_Nonnull expected,
 #endif
 
 #include "ckvm_storage.h"
+#include "ckvm_migration.h"
 
 #endif
+

@@ -22,7 +22,9 @@ internal import Glibc
 /// created with mode 0600; a path that exists is refused unless it is a stale socket.
 public final class ControlServer: @unchecked Sendable {
     public let path: String
-    private let machine: Machine
+    let machine: Machine
+    /// The outgoing live migration, if one was asked for.
+    public let outgoing = OutgoingMigration()
     private let listener: Int32
     private let wake: Int32
     private let stopped = Atomic<Bool>(false)
@@ -178,7 +180,7 @@ public final class ControlServer: @unchecked Sendable {
             let line = Array(client.buffer[..<newline])
             client.buffer.removeSubrange(...newline)
             if line.allSatisfy({ $0 == 0x20 || $0 == 0x0D || $0 == 0x09 }) { continue }
-            let (reply, after) = handle(line)
+            let (reply, after) = handle(line, clientFD: client.fd)
             send(reply, to: client)
             after?()
         }
@@ -213,7 +215,7 @@ public final class ControlServer: @unchecked Sendable {
     }
 
     /// One request → one reply, and what to do once the reply is sent (end the run).
-    func handle(_ line: [UInt8]) -> (JSONValue, (() -> Void)?) {
+    func handle(_ line: [UInt8], clientFD: Int32 = -1) -> (JSONValue, (() -> Void)?) {
         let request: JSONValue
         do throws(JSONParseError) { request = try JSONValue.parse(line) } catch {
             return (Self.error("GenericError", "\(error)", id: nil), nil)
@@ -265,6 +267,9 @@ public final class ControlServer: @unchecked Sendable {
                 // QMP's system_powerdown: press the ACPI power button; the guest decides.
                 try run { () throws(MachineError) in try machine.pressPowerButton() }
                 return (Self.success([("state", .string(machine.runState.rawValue))], id: id), nil)
+            case "migrate", "query-migrate", "migrate-cancel":
+                // Live migration (ControlServer+Migration.swift).
+                return migration(verb, arguments, id: id, clientFD: clientFD)
             case "stop":
                 onStop?()
                 return (Self.success([], id: id), { [machine] in machine.finish(.stopped) })
@@ -276,7 +281,8 @@ public final class ControlServer: @unchecked Sendable {
                         throw .failed("\(error)")
                     }
                 }
-                let known = ["info", "pause", "resume", "save", "snapshot", "checkpoint", "powerdown", "stop"] + commands.keys.sorted()
+                let known = ["info", "pause", "resume", "save", "snapshot", "checkpoint", "powerdown", "migrate", "query-migrate",
+                             "migrate-cancel", "stop"] + commands.keys.sorted()
                 return (Self.error("CommandNotFound", "unknown command \(verb); known: \(known.joined(separator: ", "))", id: id), nil)
             }
         } catch {

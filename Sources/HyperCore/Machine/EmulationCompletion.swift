@@ -246,6 +246,7 @@ public enum PageWalk {
         var writable = true, userPage = true
         var physical: UInt64 = 0
         var leaf: UnsafeMutableRawPointer?
+        var leafAddress: UInt64 = 0
         for (level, shift) in [(4, 39), (3, 30), (2, 21), (1, 12)] as [(Int, UInt64)] {
             let entryAddress = table + ((linear >> shift) & 0x1FF) * 8
             guard let pointer = memory.pointer(at: entryAddress, count: 8), entryAddress & 7 == 0 else {
@@ -257,12 +258,13 @@ public enum PageWalk {
             userPage = userPage && entry & 4 != 0
             let large = entry & 0x80 != 0
             if large && level == 4 { return .failure(.pageFault(errorCode: accessBits | 1 | 8)) }
-            if entry & 0x20 == 0 { ckvm_atomic_or_u64(pointer, 0x20) }    // accessed
+            if entry & 0x20 == 0 { ckvm_atomic_or_u64(pointer, 0x20); memory.vmmWrites.mark(entryAddress, count: 8) }    // accessed
             if level == 1 || large {
                 let size: UInt64 = 1 << shift
                 // Bit 12 is PAT in a large-page entry, not an address bit.
                 physical = (entry & addressMask & ~(size - 1)) | (linear & (size - 1))
                 leaf = pointer
+                leafAddress = entryAddress
                 break
             }
             table = entry & addressMask
@@ -273,6 +275,7 @@ public enum PageWalk {
         if !access.user && userPage && smap && !ac { return .failure(.pageFault(errorCode: accessBits | 1)) }
         if access.write, let leaf, UInt64(littleEndian: leaf.load(as: UInt64.self)) & 0x40 == 0 {
             ckvm_atomic_or_u64(leaf, 0x40)    // dirty
+            memory.vmmWrites.mark(leafAddress, count: 8)
         }
         return .success(physical)
     }
@@ -336,6 +339,7 @@ public enum CompletionExecutor {
                     ckvm_cmpxchg16b(pointer, raw.baseAddress!.assumingMemoryBound(to: UInt64.self), registers.rbx, registers.rcx)
                 }
                 if swapped != 0 {
+                    memory.vmmWrites.mark(physical, count: 16)
                     next.rflags |= 0x40
                 } else {
                     next.rflags &= ~UInt64(0x40)

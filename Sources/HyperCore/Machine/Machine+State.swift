@@ -224,7 +224,7 @@ extension Machine {
         return readable
     }
 
-    private func snapshotConfiguration() throws(SnapshotError) -> SnapshotConfiguration {
+    func snapshotConfiguration() throws(SnapshotError) -> SnapshotConfiguration {
         var virtioDevices: [SnapshotVirtioDevice] = []
         // The disks in use now: a checkpoint may have moved the guest onto differencing children.
         var current = blockBackends.makeIterator()
@@ -335,6 +335,19 @@ extension Machine {
             try MemoryFile.load(memoryFD, into: memory, path: directory + "/" + SnapshotDirectory.memoryFile)
         }
 
+        let configuration = try Self.restoredConfiguration(saved, diskPaths: paths, options: options, source: directory)
+        do throws(MachineError) {
+            try self.init(configuration, restoring: RestorePlan(snapshot: snapshot, memory: memory))
+        } catch {
+            throw .machine("\(error)")
+        }
+        try checkDeviceLayout(snapshot, source: directory)
+    }
+
+    /// The configuration that rebuilds a saved machine (no boot: its RAM holds the guest), its
+    /// disks opened at `diskPaths` (already checked).
+    static func restoredConfiguration(_ saved: SnapshotConfiguration, diskPaths paths: [String], options: RestoreOptions,
+                                      source directory: String) throws(SnapshotError) -> MachineConfiguration {
         var configuration = MachineConfiguration(boot: .custom(name: saved.boot) { _ throws(BootError) in
             throw BootError.unsupported(file: saved.boot, detail: "a restored machine does not boot")
         })
@@ -381,12 +394,11 @@ extension Machine {
                 configuration.virtioDevices.append(.init(.network(backend, mac: nic.mac), transport: transport))
             }
         }
-        do throws(MachineError) {
-            try self.init(configuration, restoring: RestorePlan(snapshot: snapshot, memory: memory))
-        } catch {
-            throw .machine("\(error)")
-        }
-        // The buses must hold the devices the snapshot has state for, at the same places.
+        return configuration
+    }
+
+    /// The buses must hold the devices the snapshot has state for, at the same places.
+    func checkDeviceLayout(_ snapshot: MachineSnapshot, source directory: String) throws(SnapshotError) {
         let layout = [("port", portBus), ("mmio", mmioBus)].flatMap { name, bus in
             bus.registeredRanges.map { "\(name) \($0)" }
         }

@@ -15,6 +15,8 @@ final class Lifecycle: @unchecked Sendable {
     private let stopFlag = Atomic<Bool>(false)
     private let pauseFlag = Atomic<Bool>(false)
     let exit = OneShot<MachineExit>()
+    /// Auto-converge's vCPU throttle (idle unless a migration sets it).
+    let throttle = VCPUThrottle()
     /// What the emulation-completion layer did (``EmulationCompletion``).
     let emulation = EmulationStatistics()
     /// Raised by the ``RIPSampler`` thread: a vCPU that sees it change prints a sample.
@@ -218,6 +220,11 @@ enum VCPURunLoop {
                         exits = RIPSampler.ExitCounts()
                     }
                     if lifecycle.pauseRequested { lifecycle.park() }
+                    let throttled = lifecycle.throttle.sleepNanoseconds
+                    if throttled > 0, !lifecycle.stopRequested {
+                        var interval = timespec(tv_sec: 0, tv_nsec: Int(throttled))
+                        nanosleep(&interval, nil)
+                    }
                 case EAGAIN:
                     // An application processor not yet started by INIT/SIPI (seen on PVM hosts).
                     if lifecycle.pauseRequested { lifecycle.park() } else { sched_yield() }

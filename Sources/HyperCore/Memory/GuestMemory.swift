@@ -41,6 +41,8 @@ public final class GuestMemory: @unchecked Sendable {
     /// was restored lazily; nil for anonymous RAM. Kept open: a later snapshot reads the pages the
     /// guest has not touched since from it.
     public let backingFile: Int32?
+    /// Pages the VMM writes while a migration tracks dirty pages (see ``VMMWriteLog``).
+    public let vmmWrites: VMMWriteLog
 
     /// Maps `size` bytes of RAM, split around the MMIO hole: anonymous memory, or with `file` a
     /// private mapping of a snapshot's memory file (pages load on first touch; the file is never
@@ -73,6 +75,7 @@ public final class GuestMemory: @unchecked Sendable {
         }
         self.regions = regions
         self.size = size
+        vmmWrites = VMMWriteLog(pageCount: Int((regions.last.map(\.guestEnd) ?? 0) >> 12))
         backingFile = file
     }
 
@@ -123,6 +126,7 @@ public final class GuestMemory: @unchecked Sendable {
     public func store<T: FixedWidthInteger>(_ value: T, at address: UInt64) throws(GuestMemoryError) {
         let pointer = try checkedPointer(at: address, count: MemoryLayout<T>.size)
         pointer.storeBytes(of: value.littleEndian, as: T.self)
+        vmmWrites.mark(address, count: MemoryLayout<T>.size)
     }
 
     /// Copies guest bytes into `buffer`.
@@ -137,18 +141,21 @@ public final class GuestMemory: @unchecked Sendable {
         guard let base = bytes.baseAddress, bytes.count > 0 else { return }
         let destination = try checkedPointer(at: address, count: bytes.count)
         destination.copyMemory(from: base, byteCount: bytes.count)
+        vmmWrites.mark(address, count: bytes.count)
     }
 
     public func write(at address: UInt64, bytes: [UInt8]) throws(GuestMemoryError) {
         guard !bytes.isEmpty else { return }
         let destination = try checkedPointer(at: address, count: bytes.count)
         bytes.withUnsafeBytes { destination.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        vmmWrites.mark(address, count: bytes.count)
     }
 
     public func write(at address: UInt64, bytes: ArraySlice<UInt8>) throws(GuestMemoryError) {
         guard !bytes.isEmpty else { return }
         let destination = try checkedPointer(at: address, count: bytes.count)
         bytes.withUnsafeBytes { destination.copyMemory(from: $0.baseAddress!, byteCount: $0.count) }
+        vmmWrites.mark(address, count: bytes.count)
     }
 
     public func readBytes(at address: UInt64, count: Int) throws(GuestMemoryError) -> [UInt8] {
@@ -160,6 +167,7 @@ public final class GuestMemory: @unchecked Sendable {
     public func zero(at address: UInt64, count: Int) throws(GuestMemoryError) {
         let destination = try checkedPointer(at: address, count: count)
         destination.initializeMemory(as: UInt8.self, repeating: 0, count: count)
+        vmmWrites.mark(address, count: count)
     }
 }
 

@@ -42,6 +42,9 @@ public final class ControlConnection {
         throw .failed(reply["error"]?["desc"]?.stringValue ?? "unexpected reply \(reply.rendered())")
     }
 
+    /// Reads the next line the VM process sends (an event, after a command that sends them).
+    public func readLine(timeoutSeconds: Double) throws(StoreError) -> JSONValue { try readReply(timeoutSeconds: timeoutSeconds) }
+
     private func readReply(timeoutSeconds: Double) throws(StoreError) -> JSONValue {
         let deadline = monotonicSeconds() + timeoutSeconds
         while true {

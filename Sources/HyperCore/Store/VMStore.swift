@@ -22,6 +22,9 @@ public struct VMBundle: Sendable {
     public var lockPath: String { path + "/lock" }
     /// The saved state (a snapshot directory) of a saved VM.
     public var savedPath: String { path + "/saved" }
+    /// Present while the VM is being received by a live migration (it holds the offer): such a
+    /// bundle is not a VM of the store yet, and is removed if the receive fails.
+    public var incomingPath: String { path + "/incoming" }
 
     public func configuration() throws(StoreError) -> VMConfiguration {
         guard StoreFiles.exists(configurationPath) else { throw .notFound(name: name) }
@@ -106,13 +109,15 @@ public struct VMStore: Sendable {
     public func bundle(named name: String) throws(StoreError) -> VMBundle {
         try VMName.validate(name)
         let bundle = VMBundle(name: name, path: vmsPath + "/" + name)
-        guard StoreFiles.exists(bundle.configurationPath) else { throw .notFound(name: name) }
+        guard StoreFiles.exists(bundle.configurationPath), !StoreFiles.exists(bundle.incomingPath) else { throw .notFound(name: name) }
         return bundle
     }
 
     /// Every VM's name, sorted (directories being created or deleted start with '.', and are skipped).
     public func names() -> [String] {
-        StoreFiles.list(vmsPath).filter { VMName.isValid($0) && StoreFiles.exists(vmsPath + "/" + $0 + "/vm.json") }
+        StoreFiles.list(vmsPath).filter {
+            VMName.isValid($0) && StoreFiles.exists(vmsPath + "/" + $0 + "/vm.json") && !StoreFiles.exists(vmsPath + "/" + $0 + "/incoming")
+        }
     }
 
     public func status(of bundle: VMBundle) -> VMStatus {
@@ -141,6 +146,7 @@ public struct VMStore: Sendable {
         for name in StoreFiles.list(vmsPath) where name.hasPrefix(".") && (name.contains(".creating-") || name.contains(".deleting-")) {
             try? StoreFiles.removeTree(vmsPath + "/" + name)
         }
+        removeFailedIncoming()
         let result = try body()
         _ = lock.fileDescriptor   // held until here
         return result

@@ -103,6 +103,7 @@ public final class VirtioConsole: VirtioDevice, @unchecked Sendable {
                 written += count
             }
             pending.removeFirst(written)
+            queue.noteWritten(chain)
             queue.pushUsed(head: chain.head, length: UInt32(written))
             delivered = true
         }

@@ -345,6 +345,7 @@ public final class VirtioNet: VirtioDevice, @unchecked Sendable {
                 done += count
                 written += count
             }
+            queue.noteWritten(chains[index])
             queue.pushUsed(head: chains[index].head, length: UInt32(written))
         }
     }

@@ -327,6 +327,13 @@ public final class Virtqueue: @unchecked Sendable {
 
     // MARK: Used ring
 
+    /// Records the chain's writable buffers as written by the device (for a migration's dirty
+    /// tracking); call it after writing them, before ``pushUsed(head:length:)``.
+    public func noteWritten(_ chain: DescriptorChain) {
+        guard chain.writableBytes > 0 else { return }
+        for segment in chain.segments where segment.writable { memory.vmmWrites.mark(segment.address, count: Int(segment.length)) }
+    }
+
     /// Returns a chain to the driver with `length` bytes written into its writable buffers.
     public func pushUsed(head: UInt16, length: UInt32) {
         guard isActive, let used else { return }
@@ -337,6 +344,7 @@ public final class Virtqueue: @unchecked Sendable {
         usedIndex &+= 1
         // Release: the element is visible before the index that publishes it.
         ckvm_store_release_u16(used + 2, usedIndex.littleEndian)
+        memory.vmmWrites.mark(usedRingAddress, count: 6 + 8 * Int(size))
     }
 
     /// Whether the driver wants an interrupt for the used entries added since the last call
@@ -362,6 +370,7 @@ public final class Virtqueue: @unchecked Sendable {
         guard isActive, let available, let used else { return false }
         if eventIndex {
             (used + 4 + 8 * Int(size)).storeBytes(of: lastAvailableIndex.littleEndian, as: UInt16.self)
+            memory.vmmWrites.mark(usedRingAddress + 4 + 8 * UInt64(size), count: 2)
         }
         ckvm_fence_seq_cst()
         return ckvm_load_acquire_u16(available + 2) != lastAvailableIndex
@@ -378,6 +387,7 @@ public final class Virtqueue: @unchecked Sendable {
         repeat {
             while try pop(into: &chain) {
                 let written = body(&chain)
+                noteWritten(chain)
                 // Never report more than the driver offered, whatever a device model says.
                 pushUsed(head: chain.head, length: UInt32(min(UInt64(written), chain.writableBytes)))
             }

@@ -1,0 +1,58 @@
+// Helpers for live migration (Sources/HyperCore/Migration).
+#include "ckvm_migration.h"
+#include <stdint.h>
+#include <string.h>
+#include <sys/uio.h>
+#include <errno.h>
+
+#if defined(__x86_64__)
+__attribute__((target("sse4.2")))
+static uint32_t crc32c_hw(uint32_t crc, const uint8_t *p, size_t n) {
+    uint64_t c = ~crc;
+    while (n >= 8) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        c = __builtin_ia32_crc32di(c, v);
+        p += 8;
+        n -= 8;
+    }
+    uint32_t c32 = (uint32_t)c;
+    while (n--) c32 = __builtin_ia32_crc32qi(c32, *p++);
+    return ~c32;
+}
+#endif
+
+int ckvm_crc32c_hardware(void) {
+#if defined(__x86_64__)
+    return __builtin_cpu_supports("sse4.2") ? 1 : 0;
+#else
+    return 0;
+#endif
+}
+
+uint32_t ckvm_crc32c(uint32_t crc, const void *p, size_t n) {
+#if defined(__x86_64__)
+    return crc32c_hw(crc, (const uint8_t *)p, n);
+#else
+    (void)p; (void)n;
+    return crc;
+#endif
+}
+
+long ckvm_writev(int fd, const void *const *bases, const size_t *lengths, int count) {
+    struct iovec vec[1024];
+    if (count > 1024) return -EINVAL;
+    for (int i = 0; i < count; i++) {
+        vec[i].iov_base = (void *)bases[i];
+        vec[i].iov_len = lengths[i];
+    }
+    ssize_t n = writev(fd, vec, count);
+    return n < 0 ? -errno : n;
+}
+
+#include <sys/prctl.h>
+#include <signal.h>
+
+int ckvm_set_parent_death_signal(int signal) {
+    return prctl(PR_SET_PDEATHSIG, (unsigned long)signal, 0, 0, 0) == 0 ? 0 : -errno;
+}

@@ -1,0 +1,285 @@
+internal import CKVM
+#if canImport(Glibc)
+internal import Glibc
+#endif
+
+/// What a sender offers: the machine to build, its storage mode, the caller's metadata and the
+/// files that follow.
+public struct MigrationOffer: Sendable {
+    public var configuration: SnapshotConfiguration
+    public var metadata: JSONValue
+    public var storage: MigrationOptions.Storage
+    public var files: [(name: String, size: UInt64)]
+    /// The offer as it came (what ``init(json:)`` reads back).
+    public var json: JSONValue
+
+    /// Decodes and checks an offer section's JSON.
+    public init(json offer: JSONValue) throws(MigrationError) {
+        guard let configurationValue = offer["configuration"] else { throw .protocolViolation("the offer has no configuration") }
+        do throws(StateCodingError) { configuration = try StateCoder.decode(SnapshotConfiguration.self, from: configurationValue) } catch {
+            throw .protocolViolation("the offer's configuration: \(error)")
+        }
+        guard configuration.memorySize >= 1 << 20, configuration.memorySize % 4096 == 0, configuration.memorySize <= GuestLayout.maximumRAM,
+              (1...MachineConfiguration.maximumCPUs).contains(configuration.cpuCount) else {
+            throw .protocolViolation("the offer asks for \(configuration.memorySize) bytes of RAM and \(configuration.cpuCount) vCPUs")
+        }
+        guard let mode = offer["storage"]?.stringValue.flatMap(MigrationOptions.Storage.init(rawValue:)) else {
+            throw .protocolViolation("the offer has no storage mode")
+        }
+        storage = mode
+        var list: [(String, UInt64)] = []
+        if case let .array(entries)? = offer["files"] {
+            for entry in entries {
+                guard let name = entry["name"]?.stringValue, let size = entry["size"]?.int64Value, size >= 0, size <= 1 << 32 else {
+                    throw .protocolViolation("a file entry of the offer has no name or a bad size")
+                }
+                list.append((name, UInt64(size)))
+            }
+        }
+        files = list
+        metadata = offer["metadata"] ?? .null
+        json = offer
+    }
+}
+
+/// The destination side of a live migration (see ``MigrationSender`` for the protocol). In steps,
+/// so that a caller can put the VM somewhere between them (hvrun: the handshake in `vm receive`,
+/// the rest in the VM's own process):
+///
+/// 1. ``authenticate(token:)`` — preambles and the challenge-response; a wrong token ends it here.
+/// 2. ``receiveOffer()`` and ``receiveFiles(_:into:)``.
+/// 3. ``receiveMachine(_:options:)`` — builds RAM, says `ready`, takes the memory passes and the
+///    state, checks it all, and returns the machine, not yet started.
+/// 4. ``switchOver(_:)`` — starts it paused, says `prepared`, waits for `go`, resumes, says `running`.
+///
+/// Nothing received is trusted: every section is checksummed, every page address checked to be
+/// guest RAM, the state decoded and matched against the offer and the machine built from it,
+/// before any vCPU runs. Any failure throws; the caller discards everything.
+public final class MigrationReceiver: @unchecked Sendable {
+    public let stream: MigrationStream
+    public private(set) var pagesReceived: UInt64 = 0
+
+    public init(stream: MigrationStream) { self.stream = stream }
+
+    public func authenticate(token: String) throws(MigrationError) {
+        try stream.sendPreamble()
+        do throws(MigrationError) { try stream.receivePreamble() } catch {
+            stream.abort("\(error)")
+            throw error
+        }
+        let nonce = MigrationToken.randomBytes(32)
+        try stream.send(.hello, json: .object([("nonce", .string(MigrationSender.hex(nonce))), ("version", .number(Int64(MigrationStream.version)))]))
+        let auth = try stream.receiveJSON(.auth)
+        guard let senderNonce = auth["nonce"]?.stringValue.flatMap(MigrationSender.unhex), senderNonce.count == 32,
+              let proof = auth["proof"]?.stringValue.flatMap(MigrationSender.unhex) else {
+            stream.abort("malformed auth section")
+            throw .protocolViolation("the auth section has no nonce and proof")
+        }
+        let expected = MigrationToken.proof(token: token, role: "sender", receiverNonce: nonce, senderNonce: senderNonce)
+        guard MigrationToken.constantTimeEqual(proof, expected) else {
+            stream.abort("wrong token: the receiver did not accept the sender's proof")
+            throw .authentication("the sender does not know the token")
+        }
+        let answer = MigrationToken.proof(token: token, role: "receiver", receiverNonce: nonce, senderNonce: senderNonce)
+        try stream.send(.authOK, json: .object([("proof", .string(MigrationSender.hex(answer)))]))
+    }
+
+    public func receiveOffer() throws(MigrationError) -> MigrationOffer {
+        try MigrationOffer(json: try stream.receiveJSON(.offer))
+    }
+
+    /// Receives the offer's files in order; `write(index, offset, bytes)` stores each piece.
+    public func receiveFiles(_ offer: MigrationOffer, into write: (Int, UInt64, ArraySlice<UInt8>) throws(MigrationError) -> Void) throws(MigrationError) {
+        for (index, file) in offer.files.enumerated() {
+            var offset: UInt64 = 0
+            repeat {
+                let payload = try stream.receive(.file)
+                guard payload.count >= 16 else { throw .protocolViolation("a file section of \(payload.count) bytes") }
+                let fileIndex = Int(stream.load(UInt32.self, payload, 0))
+                let at = stream.load(UInt64.self, payload, 8)
+                let data = payload[16...]
+                guard fileIndex == index, at == offset, offset + UInt64(data.count) <= file.size, !data.isEmpty || file.size == 0 else {
+                    throw .protocolViolation("file section for file \(fileIndex) at \(at); expected file \(index) at \(offset)")
+                }
+                try write(index, offset, data)
+                offset += UInt64(data.count)
+            } while offset < file.size
+        }
+    }
+
+    /// Builds the machine's RAM, says `ready`, receives pre-copy and the switch-over's sections,
+    /// and returns the machine with its state in place (not started). Disks are opened (from
+    /// `options.diskPaths`) only once the state has arrived: the source has flushed them then.
+    public func receiveMachine(_ offer: MigrationOffer, options: RestoreOptions) throws(MigrationError) -> Machine {
+        let saved = offer.configuration
+        let memory: GuestMemory
+        do throws(GuestMemoryError) { memory = try GuestMemory(size: saved.memorySize) } catch { throw .machine("\(error)") }
+        // Without disks the machine (KVM VM, irqchip, devices) is built now, off the downtime;
+        // disks are opened only once the source has flushed them (the state has arrived).
+        let early: Machine? = saved.virtio.contains { $0.disk != nil } ? nil : try assemble(offer, disks: [], memory: memory, options: options)
+        try stream.send(.ready, json: .object([]))
+        while true {
+            let (type, length, crc) = try stream.receiveHeader()
+            switch type {
+            case .memory:
+                try receivePages(length: length, crc: crc, into: memory)
+            case .state:
+                let payload = try stream.read(length)
+                guard MigrationStream.crc(payload) == crc else { throw .protocolViolation("state section payload checksum mismatch") }
+                let snapshot: MachineSnapshot
+                do {
+                    snapshot = try StateCoder.decode(MachineSnapshot.self, from: try JSONValue.parse(payload))
+                } catch {
+                    throw .protocolViolation("the machine state does not decode: \(error)")
+                }
+                guard Self.sameMachine(snapshot.configuration, saved) else {
+                    throw .protocolViolation("the machine state describes another machine than the offer")
+                }
+                let complete = try stream.receiveJSON(.complete)
+                guard complete["pages"]?.int64Value == Int64(pagesReceived) else {
+                    throw .protocolViolation("the sender sent \(complete["pages"]?.rendered() ?? "?") pages, \(pagesReceived) arrived")
+                }
+                if let early {
+                    try place(snapshot, into: early, memory: memory)
+                    return early
+                }
+                return try build(offer, snapshot: snapshot, memory: memory, options: options)
+            case .abort:
+                let payload = try stream.read(length)
+                throw .peerAborted(String(decoding: payload, as: UTF8.self))
+            default:
+                throw .protocolViolation("unexpected \(type) section during pre-copy")
+            }
+        }
+    }
+
+    private func receivePages(length: Int, crc expected: UInt32, into memory: GuestMemory) throws(MigrationError) {
+        guard length >= 8 else { throw .protocolViolation("a memory section of \(length) bytes") }
+        let head = try stream.read(8)
+        let count = Int(stream.load(UInt32.self, head, 0))
+        guard count >= 1, count <= MigrationStream.pagesPerSection, stream.load(UInt32.self, head, 4) == 0 else {
+            throw .protocolViolation("a memory section announcing \(count) pages")
+        }
+        let table = try stream.read(8 * count)
+        var crc = MigrationStream.crc(table, MigrationStream.crc(head))
+        var targets: [(UnsafeMutableRawPointer, Bool)] = []
+        var dataPages = 0
+        for i in 0..<count {
+            let entry = stream.load(UInt64.self, table, 8 * i)
+            let address = entry & ~UInt64(0xFFF)
+            guard entry & 0xFFE == 0, let pointer = memory.pointer(at: address, count: MigrationStream.pageSize) else {
+                throw .protocolViolation("a page entry 0x\(String(entry, radix: 16)) that is not guest RAM")
+            }
+            let zero = entry & 1 != 0
+            if !zero { dataPages += 1 }
+            targets.append((pointer, zero))
+        }
+        guard length == 8 + 8 * count + dataPages * MigrationStream.pageSize else {
+            throw .protocolViolation("a memory section of \(length) bytes for \(count) entries with \(dataPages) pages of data")
+        }
+        // The guest is not running here: pages go straight into its RAM, and a checksum mismatch
+        // fails the whole migration before any vCPU runs.
+        for (pointer, zero) in targets {
+            if zero {
+                pointer.initializeMemory(as: UInt8.self, repeating: 0, count: MigrationStream.pageSize)
+            } else {
+                try stream.read(into: pointer, MigrationStream.pageSize)
+                crc = MigrationStream.crc(pointer, MigrationStream.pageSize, crc)
+            }
+        }
+        guard crc == expected else { throw .protocolViolation("memory section payload checksum mismatch") }
+        pagesReceived += UInt64(count)
+    }
+
+    private func build(_ offer: MigrationOffer, snapshot: MachineSnapshot, memory: GuestMemory, options: RestoreOptions) throws(MigrationError) -> Machine {
+        let saved = offer.configuration
+        guard snapshot.vcpus.count == saved.cpuCount, snapshot.vcpus.enumerated().allSatisfy({ UInt32($0.offset) == $0.element.id }) else {
+            throw .protocolViolation("the state holds \(snapshot.vcpus.count) vCPU states for \(saved.cpuCount) vCPUs")
+        }
+        // The identities the source recorded when it closed the disks at the switch-over.
+        let disks = snapshot.configuration.virtio.compactMap(\.disk)
+        var paths: [String] = []
+        do throws(SnapshotError) {
+            for (index, disk) in disks.enumerated() {
+                let path = (index < options.diskPaths.count ? options.diskPaths[index] : nil) ?? disk.path
+                let current = try DiskIdentity.current(path: path)
+                guard current == disk.identity else {
+                    throw SnapshotError.diskChanged(path: path, detail: "is not the disk the source flushed (here: \(current); the source: \(disk.identity))")
+                }
+                paths.append(path)
+            }
+        } catch {
+            throw .machine("\(error)")
+        }
+        let machine = try assemble(offer, disks: paths, memory: memory, options: options)
+        try place(snapshot, into: machine, memory: memory)
+        return machine
+    }
+
+    /// The machine the offer describes, on `memory`, not started and without its state.
+    private func assemble(_ offer: MigrationOffer, disks paths: [String], memory: GuestMemory, options: RestoreOptions) throws(MigrationError) -> Machine {
+        do throws(SnapshotError) {
+            let configuration = try Machine.restoredConfiguration(offer.configuration, diskPaths: paths, options: options, source: "the migration stream")
+            do throws(MachineError) { return try Machine(configuration, restoring: nil, incoming: memory) } catch {
+                throw SnapshotError.machine("\(error)")
+            }
+        } catch {
+            throw .machine("\(error)")
+        }
+    }
+
+    /// The same machine, disks' identities aside (the source closes its disks at the switch-over,
+    /// after the offer was made; the state carries the identities the destination must find).
+    static func sameMachine(_ a: SnapshotConfiguration, _ b: SnapshotConfiguration) -> Bool {
+        func strip(_ value: SnapshotConfiguration) -> SnapshotConfiguration {
+            var copy = value
+            for index in copy.virtio.indices { copy.virtio[index].disk?.identity = DiskIdentity(format: "", virtualSize: 0) }
+            return copy
+        }
+        return strip(a) == strip(b)
+    }
+
+    /// Checks the state against the machine's devices and gives it to the machine for its start.
+    private func place(_ snapshot: MachineSnapshot, into machine: Machine, memory: GuestMemory) throws(MigrationError) {
+        guard snapshot.vcpus.count == snapshot.configuration.cpuCount,
+              snapshot.vcpus.enumerated().allSatisfy({ UInt32($0.offset) == $0.element.id }) else {
+            throw .protocolViolation("the state holds \(snapshot.vcpus.count) vCPU states for \(snapshot.configuration.cpuCount) vCPUs")
+        }
+        do throws(SnapshotError) { try machine.checkDeviceLayout(snapshot, source: "the migration stream") } catch {
+            throw .protocolViolation("\(error)")
+        }
+        machine.restoreBox.update { $0 = RestorePlan(snapshot: snapshot, memory: memory) }
+    }
+
+    /// Starts the machine paused (its state put back), says `prepared`, waits for `go`, resumes
+    /// the guest and says `running`. Returns the nanoseconds from entering to resuming. Throws
+    /// (the machine stopped) when `go` does not come.
+    ///
+    /// `commit` runs after `go`, before the guest resumes: the caller makes the VM its own there
+    /// (hvrun: the bundle stops being an incoming one). If it throws, the guest does not run.
+    public func switchOver(_ machine: Machine, commit: () throws(MigrationError) -> Void = {}) throws(MigrationError) -> UInt64 {
+        let start = monotonicNanoseconds()
+        do throws(MachineError) { try machine.start(paused: true) } catch {
+            stream.abort("the destination cannot start the machine: \(error)")
+            throw .machine("starting the machine: \(error)")
+        }
+        do throws(MigrationError) {
+            try stream.send(.prepared, json: .object([]))
+            _ = try stream.receive(.go)
+            try commit()
+        } catch {
+            machine.stop()
+            stream.abort("the destination will not run the guest: \(error)")
+            throw error
+        }
+        do throws(MachineError) { try machine.resume() } catch {
+            machine.stop()
+            stream.abort("the destination cannot resume the guest: \(error)")
+            throw .machine("resuming: \(error)")
+        }
+        let resumed = monotonicNanoseconds() - start
+        // The guest runs here now; a lost confirmation does not change that.
+        try? stream.send(.running, json: .object([("resume_ns", .number(Int64(resumed)))]))
+        return resumed
+    }
+}

@@ -1,0 +1,501 @@
+internal import CKVM
+internal import Synchronization
+#if canImport(Glibc)
+internal import Glibc
+#endif
+
+/// What a migration's source asks for.
+public struct MigrationOptions: Sendable {
+    public enum Storage: String, Sendable { case shared, copy }
+    /// The pause the guest may see at the switch-over; pre-copy goes on until the remaining
+    /// dirty pages can be sent within it (at the bandwidth measured so far).
+    public var maxDowntimeMilliseconds: Double = 50
+    /// Abort (the VM runs on here) if the switch-over has not started after this long.
+    public var timeoutSeconds: Double?
+    public var storage: Storage = .shared
+    /// Slow the vCPUs when the dirty set does not shrink (see ``VCPUThrottle``).
+    public var autoConverge = true
+    /// Opaque to the library, given to the receiver with the offer (hvrun: the VM's name and vm.json).
+    public var metadata: JSONValue = .object([])
+    /// Files sent before memory, by name (hvrun: the kernel and initrd of the VM's bundle).
+    public var files: [MigrationFile] = []
+    /// How long to wait for the peer at any step before giving up.
+    public var peerTimeoutSeconds: Double = 30
+    /// Caps the pre-copy's send rate (bytes per second; nil: as fast as the link goes). The
+    /// switch-over is never capped.
+    public var maxBandwidthBytesPerSecond: Double?
+
+    public init() {}
+}
+
+public struct MigrationFile: Sendable {
+    public var name: String
+    public var path: String
+    public init(name: String, path: String) {
+        self.name = name
+        self.path = path
+    }
+}
+
+/// Where a running migration is, for progress reports and `query-migrate`.
+public struct MigrationProgress: Sendable {
+    public enum Phase: String, Sendable { case setup, precopy, switchover, completed, failed }
+    public var phase: Phase = .setup
+    public var pass = 0
+    public var bytesSent: UInt64 = 0
+    public var pagesSent: UInt64 = 0
+    /// Pages found dirty by the last dirty-log round.
+    public var dirtyPages = 0
+    /// Auto-converge's current vCPU throttle.
+    public var throttlePercent = 0
+    public var bandwidthBytesPerSecond: Double = 0
+    public var elapsedSeconds: Double = 0
+}
+
+/// What a finished migration did.
+public struct MigrationReport: Sendable {
+    /// Memory passes, the final (paused) one included.
+    public var passes = 0
+    public var bytesSent: UInt64 = 0
+    public var pagesSent: UInt64 = 0
+    public var zeroPagesSent: UInt64 = 0
+    /// Pages sent while the guest was paused.
+    public var finalPages = 0
+    /// Bytes of disk sent (storage copy).
+    public var diskBytesSent: UInt64 = 0
+    public var totalNanoseconds: UInt64 = 0
+    /// From the source's pause to the destination's confirmation that the guest runs.
+    public var downtimeNanoseconds: UInt64 = 0
+    /// The destination's own measure: from receiving the last section to resuming the guest.
+    public var destinationResumeNanoseconds: UInt64 = 0
+    public var maximumThrottlePercent = 0
+    public var bandwidthBytesPerSecond: Double = 0
+    /// Where the downtime went, in order: `pause`, `final_pages`, `capture` (state captured and
+    /// encoded), `send_state`, `prepared` (the destination checked and started the machine),
+    /// `running` (go → the destination's confirmation); nanoseconds each.
+    public var switchOverPhases: [(String, UInt64)] = []
+}
+
+/// The source side of a live migration over any connected stream (``MigrationStream``).
+///
+/// 1. Handshake: preambles, token challenge-response (``MigrationToken``), the offer (the
+///    machine's configuration and the caller's metadata), the files; the receiver answers
+///    `ready` once it has built RAM for the guest.
+/// 2. Pre-copy: dirty logging on; pass 1 sends every page the guest ever touched that is not
+///    zero; each later pass sends what the dirty log (and ``VMMWriteLog``) reports since the
+///    previous one, until sending it would fit in ``MigrationOptions/maxDowntimeMilliseconds``
+///    at the measured bandwidth. A dirty set that does not shrink raises the vCPU throttle
+///    (auto-converge: 20 %, then +10 % a pass, up to 99 %); the timeout aborts.
+/// 3. Switch-over: pause; the pages dirtied since the last pass; the complete machine state
+///    (``MachineSnapshot``, the save format); `complete`. The receiver checks everything,
+///    builds the machine paused and says `prepared`; the source sends `go`; the receiver resumes
+///    the guest and says `running`.
+///
+/// Any failure before `go` aborts: the receiver removes what it made, and here dirty logging and
+/// throttling stop and the guest resumes (if it was paused by the migration). After `go`, only an
+/// explicit abort from the receiver lets the source resume; a lost connection leaves the guest
+/// paused here (``MigrationError/switchOverUnknown(_:)``), never running twice.
+public final class MigrationSender: @unchecked Sendable {
+    public let machine: Machine
+    public let stream: MigrationStream
+    public let options: MigrationOptions
+    private let token: String
+    private let cancelled = Atomic<Bool>(false)
+    private let progressLock = PthreadLock()
+    private var currentProgress = MigrationProgress()
+    private var started: UInt64 = 0
+    private var staging: UnsafeMutableRawPointer
+    /// Called after each pass and phase change (on the migrating thread).
+    public var onProgress: (@Sendable (MigrationProgress) -> Void)?
+
+    public init(machine: Machine, stream: MigrationStream, token: String, options: MigrationOptions = MigrationOptions()) {
+        self.machine = machine
+        self.stream = stream
+        self.token = token
+        self.options = options
+        staging = UnsafeMutableRawPointer.allocate(byteCount: MigrationStream.pagesPerSection * MigrationStream.pageSize, alignment: 4096)
+        stream.readTimeoutSeconds = options.peerTimeoutSeconds
+    }
+
+    deinit { staging.deallocate() }
+
+    /// Asks a running migration to stop before the switch-over (it aborts at the next pass).
+    public func cancel() { cancelled.store(true, ordering: .releasing) }
+
+    public var progress: MigrationProgress { progressLock.withLock { currentProgress } }
+
+    private func update(_ body: (inout MigrationProgress) -> Void) {
+        let snapshot: MigrationProgress = progressLock.withLock {
+            body(&currentProgress)
+            currentProgress.bytesSent = stream.bytesSent
+            currentProgress.elapsedSeconds = Double(monotonicNanoseconds() - started) / 1e9
+            return currentProgress
+        }
+        onProgress?(snapshot)
+    }
+
+    /// Runs the migration to its end. On return the guest is paused here and running on the
+    /// destination; the caller ends this machine's run.
+    public func run() throws(MigrationError) -> MigrationReport {
+        started = monotonicNanoseconds()
+        var report = MigrationReport()
+        var goSent = false
+        var pausedByUs = false
+        var logging = false
+        var handedOver: [(index: Int, path: String)] = []
+        let wasRunning = machine.runState == .running
+        do throws(MigrationError) {
+            guard machine.runState == .running || machine.runState == .paused else {
+                throw .machine("the machine is \(machine.runState.rawValue); only a running or paused machine can move")
+            }
+            try handshake()
+            do throws(KVMError) { try machine.setDirtyLogging(true) } catch {
+                throw .machine("cannot turn on dirty-page logging: \(error)")
+            }
+            logging = true
+            update { $0.phase = .precopy }
+            try precopy(&report)
+            // Switch-over.
+            update { $0.phase = .switchover }
+            let pauseStart = monotonicNanoseconds()
+            var mark = pauseStart
+            func phase(_ name: String) {
+                let now = monotonicNanoseconds()
+                report.switchOverPhases.append((name, now - mark))
+                mark = now
+            }
+            if wasRunning {
+                do throws(MachineError) { try machine.pause() } catch { throw .machine("cannot pause: \(error)") }
+                pausedByUs = true
+            }
+            phase("pause")
+            machine.lifecycle.throttle.clear()
+            let final = try dirtyPages()
+            report.finalPages = final.count
+            try sendPages(final, skipZero: false, &report)
+            report.passes += 1
+            phase("final_pages")
+            var snapshot: MachineSnapshot
+            do throws(SnapshotError) { snapshot = try machine.captureState() } catch {
+                throw .machine("capturing the machine state: \(error)")
+            }
+            handedOver = try handOverDisks(&snapshot)
+            let state: [UInt8]
+            do throws(StateCodingError) { state = Array(try StateCoder.encode(snapshot).rendered().utf8) } catch {
+                throw .machine("encoding the machine state: \(error)")
+            }
+            phase("capture")
+            try stream.send(.state, state)
+            try stream.send(.complete, json: .object([("pages", .number(Int64(report.pagesSent))),
+                                                      ("passes", .number(Int64(report.passes)))]))
+            phase("send_state")
+            _ = try stream.receiveJSON(.prepared)
+            phase("prepared")
+            try stream.send(.go, [])
+            goSent = true
+            let running = try stream.receiveJSON(.running)
+            phase("running")
+            let end = monotonicNanoseconds()
+            report.downtimeNanoseconds = end - pauseStart
+            report.destinationResumeNanoseconds = UInt64(max(0, running["resume_ns"]?.int64Value ?? 0))
+            report.totalNanoseconds = end - started
+            report.bytesSent = stream.bytesSent
+            try? machine.setDirtyLogging(false)
+            update { $0.phase = .completed }
+            return report
+        } catch {
+            machine.lifecycle.throttle.clear()
+            if logging { try? machine.setDirtyLogging(false) }
+            update { $0.phase = .failed }
+            if goSent {
+                if case .peerAborted = error {
+                    // The receiver said it will not run the guest: it is still ours.
+                    if pausedByUs { try? machine.resume() }
+                    throw error
+                }
+                throw .switchOverUnknown("\(error)")
+            }
+            stream.abort("\(error)")
+            let reopened = takeBackDisks(handedOver)
+            if pausedByUs { try? machine.resume() }
+            if let reopened { throw .machine("\(error); and taking its disks back failed: \(reopened)") }
+            throw error
+        }
+    }
+
+    /// Shared storage: the source closes its writable disks (VHDX: log applied, headers clean) so
+    /// that the destination opens them as a clean file, and records their identity after the close.
+    private func handOverDisks(_ snapshot: inout MachineSnapshot) throws(MigrationError) -> [(index: Int, path: String)] {
+        var closed: [(index: Int, path: String)] = []
+        var diskIndex = 0
+        let backends = machine.blockBackends
+        for (deviceIndex, device) in snapshot.configuration.virtio.enumerated() where device.disk != nil {
+            defer { diskIndex += 1 }
+            guard let disk = device.disk, !disk.readOnly, diskIndex < backends.count else { continue }
+            do {
+                try backends[diskIndex].close()
+                closed.append((diskIndex, disk.path))
+                snapshot.configuration.virtio[deviceIndex].disk?.identity = try DiskIdentity.current(path: disk.path)
+            } catch {
+                _ = takeBackDisks(closed)
+                throw .machine("closing disk \(disk.path) for the destination: \(error)")
+            }
+        }
+        return closed
+    }
+
+    /// Reopens the disks handed over (the migration failed before the destination took them).
+    /// Returns what failed, if anything.
+    private func takeBackDisks(_ disks: [(index: Int, path: String)]) -> String? {
+        var failures: [String] = []
+        for (index, path) in disks {
+            do {
+                let backend = try openDisk(path: path, readOnly: false)
+                try machine.replaceDisk(index, with: backend)
+            } catch {
+                failures.append("\(path): \(error)")
+            }
+        }
+        return failures.isEmpty ? nil : failures.joined(separator: "; ")
+    }
+
+    // MARK: Handshake
+
+    private func handshake() throws(MigrationError) {
+        try stream.sendPreamble()
+        try stream.receivePreamble()
+        let hello = try stream.receiveJSON(.hello)
+        guard let receiverNonce = hello["nonce"]?.stringValue.flatMap(Self.unhex), receiverNonce.count == 32 else {
+            throw .protocolViolation("the hello section has no 32-byte nonce")
+        }
+        let senderNonce = MigrationToken.randomBytes(32)
+        let proof = MigrationToken.proof(token: token, role: "sender", receiverNonce: receiverNonce, senderNonce: senderNonce)
+        try stream.send(.auth, json: .object([("nonce", .string(Self.hex(senderNonce))), ("proof", .string(Self.hex(proof)))]))
+        let accepted: JSONValue
+        do throws(MigrationError) { accepted = try stream.receiveJSON(.authOK) } catch {
+            if case let .peerAborted(reason) = error { throw .authentication(reason) }
+            throw error
+        }
+        let expected = MigrationToken.proof(token: token, role: "receiver", receiverNonce: receiverNonce, senderNonce: senderNonce)
+        guard let answer = accepted["proof"]?.stringValue.flatMap(Self.unhex), MigrationToken.constantTimeEqual(answer, expected) else {
+            throw .authentication("the receiver does not know the token (is something else listening at that address?)")
+        }
+        let configuration: JSONValue
+        do throws(SnapshotError) {
+            let saved = try machine.snapshotConfiguration()
+            do throws(StateCodingError) { configuration = try StateCoder.encode(saved) } catch {
+                throw SnapshotError.machine("\(error)")
+            }
+        } catch {
+            throw .machine("describing the machine: \(error)")
+        }
+        var files: [JSONValue] = []
+        var sizes: [UInt64] = []
+        for file in options.files {
+            var info = stat()
+            guard stat(file.path, &info) == 0 else { throw .io(operation: "stat \(file.path)", errno: errno) }
+            sizes.append(UInt64(info.st_size))
+            files.append(.object([("name", .string(file.name)), ("size", .number(Int64(info.st_size)))]))
+        }
+        try stream.send(.offer, json: .object([("configuration", configuration), ("metadata", options.metadata),
+                                               ("storage", .string(options.storage.rawValue)), ("files", .array(files))]))
+        for (index, file) in options.files.enumerated() {
+            try sendFile(index: index, path: file.path, size: sizes[index])
+        }
+        _ = try stream.receiveJSON(.ready)
+    }
+
+    private func sendFile(index: Int, path: String, size: UInt64) throws(MigrationError) {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { throw .io(operation: "open \(path)", errno: errno) }
+        defer { close(fd) }
+        var offset: UInt64 = 0
+        var buffer = [UInt8](repeating: 0, count: MigrationStream.chunkSize)
+        repeat {
+            let want = Int(min(UInt64(MigrationStream.chunkSize), size - offset))
+            var done = 0
+            while done < want {
+                let got = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress! + done, want - done, off_t(offset) + off_t(done)) }
+                if got < 0, errno == EINTR { continue }
+                guard got > 0 else { throw .io(operation: "read \(path)", errno: got < 0 ? errno : EIO) }
+                done += got
+            }
+            var payload: [UInt8] = []
+            stream.append(&payload, UInt32(index))
+            stream.append(&payload, UInt32(0))
+            stream.append(&payload, offset)
+            payload += buffer[0..<want]
+            try stream.send(.file, payload)
+            offset += UInt64(want)
+        } while offset < size
+    }
+
+    // MARK: Pre-copy
+
+    private func checkDeadline() throws(MigrationError) {
+        if cancelled.load(ordering: .acquiring) { throw .cancelled("cancelled before the switch-over") }
+        if let timeout = options.timeoutSeconds, Double(monotonicNanoseconds() - started) / 1e9 > timeout {
+            throw .cancelled("the dirty set did not fit the \(Int(options.maxDowntimeMilliseconds)) ms downtime budget within --timeout \(timeout) s")
+        }
+        if machine.exit != nil { throw .machine("the guest's run ended during the migration (\(machine.exit!))") }
+    }
+
+    private func precopy(_ report: inout MigrationReport) throws(MigrationError) {
+        var bandwidth: Double = 1e9   // bytes/s, until measured
+        var passStart = monotonicNanoseconds()
+        let firstBytes = stream.bytesSent
+        try sendPages(touchedPages(), skipZero: true, &report)
+        report.passes = 1
+        bandwidth = measure(bytes: stream.bytesSent - firstBytes, since: passStart, previous: bandwidth)
+        var previousDirty = Int.max
+        var throttle = 0
+        update { $0.pass = 1; $0.bandwidthBytesPerSecond = bandwidth }
+        while true {
+            try checkDeadline()
+            let dirty = try dirtyPages()
+            let estimate = Double(dirty.count * MigrationStream.pageSize) / bandwidth * 1000
+            update { $0.dirtyPages = dirty.count }
+            if estimate <= options.maxDowntimeMilliseconds {
+                // Sending this set while the guest runs takes about the budget; what it dirties
+                // meanwhile is what the pause must carry.
+                try sendPages(dirty, skipZero: false, &report)
+                report.passes += 1
+                return
+            }
+            if options.autoConverge, report.passes >= 2, Double(dirty.count) > 0.7 * Double(previousDirty) {
+                throttle = throttle == 0 ? 20 : min(99, throttle + 10)
+                machine.lifecycle.throttle.set(throttle, lifecycle: machine.lifecycle)
+                report.maximumThrottlePercent = max(report.maximumThrottlePercent, throttle)
+            }
+            previousDirty = dirty.count
+            passStart = monotonicNanoseconds()
+            let before = stream.bytesSent
+            try sendPages(dirty, skipZero: false, &report)
+            report.passes += 1
+            bandwidth = measure(bytes: stream.bytesSent - before, since: passStart, previous: bandwidth)
+            report.bandwidthBytesPerSecond = bandwidth
+            let pass = report.passes
+            update { $0.pass = pass; $0.throttlePercent = throttle; $0.bandwidthBytesPerSecond = bandwidth; $0.pagesSent = report.pagesSent }
+        }
+    }
+
+    /// Bandwidth from a pass big enough to say something (≥ 4 MiB), else the previous estimate.
+    private func measure(bytes: UInt64, since start: UInt64, previous: Double) -> Double {
+        let seconds = Double(monotonicNanoseconds() - start) / 1e9
+        guard bytes >= 4 << 20, seconds > 0 else { return previous }
+        return Double(bytes) / seconds
+    }
+
+    /// Every page the guest has touched (present or swapped in this process: `/proc/self/pagemap`),
+    /// as guest-physical addresses. Pages never touched are holes and stay holes.
+    private func touchedPages() -> [UInt64] {
+        var pages: [UInt64] = []
+        let pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
+        defer { if pagemap >= 0 { close(pagemap) } }
+        var entries = [UInt64](repeating: 0, count: 65536)
+        for region in machine.memory.regions {
+            let count = Int(region.size) / MigrationStream.pageSize
+            var page = 0
+            while page < count {
+                let batch = min(entries.count, count - page)
+                var known = false
+                if pagemap >= 0 {
+                    let offset = off_t((Int(region.hostAddress) / MigrationStream.pageSize + page) * 8)
+                    known = entries.withUnsafeMutableBytes { pread(pagemap, $0.baseAddress, batch * 8, offset) } == batch * 8
+                }
+                for i in 0..<batch where !known || entries[i] & (3 << 62) != 0 {
+                    pages.append(region.guestAddress + UInt64((page + i) * MigrationStream.pageSize))
+                }
+                page += batch
+            }
+        }
+        return pages
+    }
+
+    private func dirtyPages() throws(MigrationError) -> [UInt64] {
+        let maps: [[UInt64]]
+        do throws(KVMError) { maps = try machine.takeDirtyPages() } catch { throw .machine("reading the dirty log: \(error)") }
+        var pages: [UInt64] = []
+        for (region, bitmap) in zip(machine.memory.regions, maps) {
+            for (wordIndex, word) in bitmap.enumerated() where word != 0 {
+                var bits = word
+                while bits != 0 {
+                    let bit = bits.trailingZeroBitCount
+                    bits &= bits - 1
+                    pages.append(region.guestAddress + UInt64((wordIndex * 64 + bit) * MigrationStream.pageSize))
+                }
+            }
+        }
+        return pages
+    }
+
+    /// Sends pages in sections of up to 256: each copied into a staging buffer first (the guest
+    /// may write it meanwhile; the checksum must cover what is sent). Zero pages are skipped
+    /// (`skipZero`: the destination's RAM is zero there) or sent as a flag without data.
+    private func sendPages(_ pages: [UInt64], skipZero: Bool, _ report: inout MigrationReport) throws(MigrationError) {
+        let memory = machine.memory
+        var index = 0
+        while index < pages.count {
+            var entries: [UInt64] = [0]   // first word: count (u32) and reserved (u32)
+            var dataPages = 0
+            while index < pages.count, entries.count - 1 < MigrationStream.pagesPerSection {
+                let address = pages[index]
+                index += 1
+                guard let source = memory.pointer(at: address, count: MigrationStream.pageSize) else { continue }
+                let slot = staging + dataPages * MigrationStream.pageSize
+                slot.copyMemory(from: source, byteCount: MigrationStream.pageSize)
+                if MemoryFile.isZero(UnsafeRawPointer(slot)) {
+                    if skipZero { continue }
+                    entries.append((address | 1).littleEndian)
+                    report.zeroPagesSent += 1
+                } else {
+                    entries.append(address.littleEndian)
+                    dataPages += 1
+                }
+            }
+            guard entries.count > 1 else { continue }
+            entries[0] = UInt64(entries.count - 1).littleEndian
+            report.pagesSent += UInt64(entries.count - 1)
+            let failure: MigrationError? = entries.withUnsafeBytes { raw in
+                do throws(MigrationError) {
+                    try stream.send(.memory, buffers: [(raw.baseAddress!, raw.count),
+                                                       (UnsafeRawPointer(staging), dataPages * MigrationStream.pageSize)])
+                } catch { return error }
+                return nil
+            }
+            if let failure { throw failure }
+            try limitRate()
+        }
+    }
+
+    /// Sleeps as long as the pre-copy is ahead of ``MigrationOptions/maxBandwidthBytesPerSecond``.
+    private func limitRate() throws(MigrationError) {
+        guard let limit = options.maxBandwidthBytesPerSecond, !machine.isPausedForMigration else { return }
+        let due = Double(stream.bytesSent) / limit
+        let elapsed = Double(monotonicNanoseconds() - started) / 1e9
+        if due > elapsed { usleep(UInt32(min(1.0, due - elapsed) * 1e6)) }
+    }
+
+    static func hex(_ bytes: [UInt8]) -> String {
+        let digits = Array("0123456789abcdef".utf8)
+        return String(decoding: bytes.flatMap { [digits[Int($0 >> 4)], digits[Int($0 & 15)]] }, as: UTF8.self)
+    }
+
+    static func unhex(_ text: String) -> [UInt8]? {
+        let bytes = Array(text.utf8)
+        guard bytes.count % 2 == 0 else { return nil }
+        func value(_ c: UInt8) -> UInt8? {
+            switch c {
+            case UInt8(ascii: "0")...UInt8(ascii: "9"): c - UInt8(ascii: "0")
+            case UInt8(ascii: "a")...UInt8(ascii: "f"): c - UInt8(ascii: "a") + 10
+            default: nil
+            }
+        }
+        var result: [UInt8] = []
+        for i in stride(from: 0, to: bytes.count, by: 2) {
+            guard let high = value(bytes[i]), let low = value(bytes[i + 1]) else { return nil }
+            result.append(high << 4 | low)
+        }
+        return result
+    }
+}

@@ -1,0 +1,319 @@
+import Foundation
+import Testing
+@testable import HyperCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// A Unix-socket proxy between `vm move` and `vm receive` that can break the stream: after `at`
+/// bytes from the sender it closes both sides, flips one byte, or holds the stream (for the test
+/// to kill the receiver there) until released.
+final class FaultProxy: @unchecked Sendable {
+    enum Fault: Sendable, CustomStringConvertible {
+        case none, close(at: Int), flip(at: Int), flipReply(at: Int), hold(at: Int)
+        var description: String {
+            switch self {
+            case .none: "none"
+            case let .close(at): "close at \(at)"
+            case let .flip(at): "flip byte \(at)"
+            case let .flipReply(at): "flip reply byte \(at)"
+            case let .hold(at): "hold at \(at)"
+            }
+        }
+    }
+
+    let path: String
+    let target: String
+    let fault: Fault
+    private let listener: Int32
+    private let state = NSCondition()
+    private var holding = false
+    private var released = false
+    private(set) var forwarded = 0
+
+    init(path: String, target: String, fault: Fault) throws {
+        self.path = path
+        self.target = target
+        self.fault = fault
+        unlink(path)
+        listener = try MigrationEndpoint.unix(path: path).listen()
+        Thread.detachNewThread { [self] in serve() }
+    }
+
+    deinit { close(listener); unlink(path) }
+
+    /// Waits until the proxy holds the stream (a `.hold` fault); false at the deadline.
+    func waitUntilHolding(timeoutSeconds: Double) -> Bool {
+        state.lock()
+        defer { state.unlock() }
+        let deadline = Date(timeIntervalSinceNow: timeoutSeconds)
+        while !holding { if !state.wait(until: deadline) { return holding } }
+        return true
+    }
+
+    func release() {
+        state.lock()
+        released = true
+        state.broadcast()
+        state.unlock()
+    }
+
+    private func serve() {
+        guard let client = try? MigrationEndpoint.accept(listener, timeoutSeconds: 120) else { return }
+        guard let server = try? MigrationEndpoint.unix(path: target).connect() else { close(client); return }
+        defer { close(client); close(server) }
+        var fromSender = 0, fromReceiver = 0
+        var buffer = [UInt8](repeating: 0, count: 65536)
+        while true {
+            var fds = [pollfd(fd: client, events: Int16(POLLIN), revents: 0), pollfd(fd: server, events: Int16(POLLIN), revents: 0)]
+            guard poll(&fds, 2, 60_000) > 0 else { return }
+            for (index, (from, to)) in [(client, server), (server, client)].enumerated() where fds[index].revents != 0 {
+                let limit: Int
+                switch (index, fault) {
+                case let (0, .close(at)), let (0, .flip(at)), let (0, .hold(at)):
+                    limit = fromSender < at ? at - fromSender : buffer.count
+                default:
+                    limit = buffer.count
+                }
+                let count = buffer.withUnsafeMutableBytes { read(from, $0.baseAddress, min(limit, $0.count)) }
+                guard count > 0 else { return }
+                let start = index == 0 ? fromSender : fromReceiver
+                switch (index, fault) {
+                case let (0, .flip(at)) where start <= at && at < start + count: buffer[at - start] ^= 0x01
+                case let (1, .flipReply(at)) where start <= at && at < start + count: buffer[at - start] ^= 0x01
+                default: break
+                }
+                var done = 0
+                while done < count {
+                    let sent = buffer.withUnsafeBytes { send(to, $0.baseAddress! + done, count - done, Int32(MSG_NOSIGNAL)) }
+                    guard sent > 0 else { return }
+                    done += sent
+                }
+                if index == 0 { fromSender += count } else { fromReceiver += count }
+                forwarded = fromSender
+                if index == 0, case let .close(at) = fault, fromSender >= at { return }
+                if index == 0, case let .hold(at) = fault, fromSender >= at {
+                    state.lock()
+                    holding = true
+                    state.broadcast()
+                    while !released { state.wait() }
+                    state.unlock()
+                    return
+                }
+            }
+        }
+    }
+}
+
+@Suite("hvrun vm move / vm receive: live migration between two stores", .serialized, .tags(.kvm),
+       .enabled(if: TestHost.kvmUsable, TestHost.kvmSkipReason),
+       .enabled(if: TestHost.hvrunPath != nil, "the hvrun binary is not built next to the tests"))
+struct MigrationProcessTests {
+    typealias Store = VMStoreCLITests.Store
+
+    static func guest(steps: Int, dirty: Int, dirtyMiB: Int = 32, memory: String = "256M") throws -> [String] {
+        ["--kernel", try GuestImages.path("stateful.elf"), "--memory", memory,
+         "--cmdline", "steps=\(steps) ticks=1 dirty=\(dirty) dirtymb=\(dirtyMiB)"]
+    }
+
+    /// Starts `vm receive` in `store` and returns it with the address and token it printed.
+    static func receive(_ store: Store, listen: String, extra: [String] = []) throws -> (VMProcess, String, String) {
+        let process = try store.spawn(["vm", "receive", "--listen", listen, "--wait", "60"] + extra)
+        let deadline = Clock.now + 20
+        while Clock.now < deadline {
+            let lines = process.outputLines
+            if let address = lines.first(where: { $0.hasPrefix("listening on ") })?.dropFirst(13),
+               let token = lines.first(where: { $0.hasPrefix("token: ") })?.dropFirst(7) ?? (extra.contains("--token") ? "" : nil) {
+                return (process, String(address), String(token))
+            }
+            if process.hasExited { break }
+            usleep(5_000)
+        }
+        throw Subprocess.Failure.spawn("vm receive did not start: \(process.output)\(process.errors)", 1)
+    }
+
+    /// The VM's console log so far, read through a descriptor opened before it moves (the bundle goes).
+    final class LogReader {
+        let fd: Int32
+        init(_ path: String) { fd = open(path, O_RDONLY) }
+        deinit { close(fd) }
+        var text: String {
+            var bytes: [UInt8] = []
+            var buffer = [UInt8](repeating: 0, count: 65536)
+            var offset: off_t = 0
+            while true {
+                let count = buffer.withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, offset) }
+                if count <= 0 { break }
+                bytes += buffer[0..<count]
+                offset += off_t(count)
+            }
+            return String(decoding: bytes, as: UTF8.self)
+        }
+    }
+
+    static func expectNothingReceived(_ store: Store, _ comment: Comment? = nil, sourceLocation: SourceLocation = #_sourceLocation) {
+        // The receiver's cleanup may lag its exit by nothing; its child's by a moment.
+        _ = store.waitFor(timeoutSeconds: 10) { StoreFiles.list(store.home + "/vms").isEmpty }
+        #expect(StoreFiles.list(store.home + "/vms").isEmpty, "left on the destination: \(StoreFiles.list(store.home + "/vms")) \(comment.map { "\($0)" } ?? "")",
+                sourceLocation: sourceLocation)
+    }
+
+    @Test("a guest dirtying 256 pages every 10 ms tick moves and continues its sequence: no step lost or repeated, no bad page, same result",
+          .timeLimit(.minutes(3)), arguments: ["unix", "tcp"])
+    func moveAndContinue(_ transport: String) throws {
+        let source = try Store(), destination = try Store()
+        let steps = 400
+        let reference = try TestHost.hvrun(["run"] + Self.guest(steps: steps, dirty: 256) + ["--timeout", "60"], timeoutSeconds: 90)
+        #expect(reference.status == 0x41, "\(reference.stdout)\(reference.stderr)")
+        let expected = try #require(SnapshotProcessTests.result(reference.stdout))
+
+        #expect(try source.run(["vm", "create", "mover"] + Self.guest(steps: steps, dirty: 256)).status == 0)
+        let started = try source.run(["vm", "start", "mover"])
+        #expect(started.status == 0, "\(started.stderr)")
+        #expect(source.waitFor { source.consoleLog("mover").contains("step=30\n") })
+        let sourceLog = LogReader(source.bundle("mover").consoleLogPath)
+        let listen = transport == "unix" ? "unix:" + destination.directory.file("in.sock") : "127.0.0.1:0"
+        let (receiver, address, token) = try Self.receive(destination, listen: listen)
+        #expect(token.count == 48, "a generated token: \(token)")
+        let moved = try source.run(["vm", "move", "mover", "--to", address, "--token", token, "--json", "--max-downtime", "20"])
+        #expect(moved.status == 0, "\(moved.stdout)\(moved.stderr)\n\(receiver.errors)")
+        #expect(receiver.wait(timeoutSeconds: 30) == 0, "\(receiver.output)\(receiver.errors)")
+        let report = try JSONValue.parse(moved.stdout)
+        for key in ["passes", "bytes_sent", "total_ms", "downtime_ms"] { #expect(report[key] != nil, "\(key) in \(moved.stdout)") }
+        #expect((report["passes"]?.int64Value ?? 0) >= 2 && (report["bytes_sent"]?.int64Value ?? 0) > 1 << 20)
+        #expect(!StoreFiles.exists(source.bundle("mover").path), "the source's bundle is removed once the VM moved")
+        #expect(try ["running", "off"].contains(destination.state("mover")))
+        // The guest runs to its end on the destination.
+        #expect(try destination.waitFor(timeoutSeconds: 60) { try destination.state("mover") == "off" })
+        let combined = sourceLog.text + destination.consoleLog("mover")
+        #expect(SnapshotProcessTests.steps(combined) == Array(1...steps), "\(combined.suffix(3000))")
+        #expect(SnapshotProcessTests.result(destination.consoleLog("mover")) == expected, "\(destination.consoleLog("mover").suffix(1000))")
+        #expect(destination.consoleLog("mover").contains("dirty_ok="))
+        print("moved over \(transport): \(moved.stdout)")
+    }
+
+    @Test("shared storage: a guest writing its disk every step moves; the destination opens the disk the source closed and the guest reads back every sector",
+          .timeLimit(.minutes(3)), arguments: ["raw", "vhdx"])
+    func sharedDisk(_ kind: String) throws {
+        let source = try Store(), destination = try Store()
+        let disks = try TemporaryDirectory()
+        let steps = 300
+        let line = "steps=\(steps) ticks=1 dirty=64 dirtymb=16 blk=1"
+        let referenceDisk = try #require(try SnapshotProcessTests.makeDisk(kind, in: disks, name: "reference"))
+        let reference = try TestHost.hvrun(["run", "--kernel", try GuestImages.path("stateful.elf"), "--memory", "256M", "--disk", referenceDisk,
+                                            "--cmdline", line, "--timeout", "60"], timeoutSeconds: 90)
+        #expect(reference.status == 0x41, "\(reference.stdout)\(reference.stderr)")
+        let expected = try #require(SnapshotProcessTests.result(reference.stdout))
+        let disk = try #require(try SnapshotProcessTests.makeDisk(kind, in: disks, name: "shared"))
+        #expect(try source.run(["vm", "create", "disky", "--kernel", try GuestImages.path("stateful.elf"), "--memory", "256M",
+                                "--disk", disk, "--cmdline", line]).status == 0)
+        #expect(try source.run(["vm", "start", "disky"]).status == 0)
+        #expect(source.waitFor { source.consoleLog("disky").contains("step=40\n") })
+        let sourceLog = LogReader(source.bundle("disky").consoleLogPath)
+        let (receiver, address, token) = try Self.receive(destination, listen: "unix:" + destination.directory.file("in.sock"))
+        let moved = try source.run(["vm", "move", "disky", "--to", address, "--token", token, "--storage", "shared", "--json"])
+        #expect(moved.status == 0, "\(moved.stdout)\(moved.stderr)\n\(receiver.errors)")
+        #expect(receiver.wait(timeoutSeconds: 30) == 0, "\(receiver.output)\(receiver.errors)")
+        #expect(try destination.waitFor(timeoutSeconds: 60) { try destination.state("disky") == "off" })
+        let combined = sourceLog.text + destination.consoleLog("disky")
+        #expect(SnapshotProcessTests.steps(combined) == Array(1...steps), "\(combined.suffix(2000))")
+        #expect(destination.consoleLog("disky").contains("disk_ok=\(steps)"), "\(destination.consoleLog("disky").suffix(800))")
+        #expect(SnapshotProcessTests.result(destination.consoleLog("disky")) == expected)
+        #expect(StoreFiles.exists(disk), "a shared disk outside the bundle stays")
+    }
+
+    @Test("a wrong token is refused: the VM runs on at the source, nothing is left at the destination", .timeLimit(.minutes(2)))
+    func wrongToken() throws {
+        let source = try Store(), destination = try Store()
+        #expect(try source.run(["vm", "create", "stay"] + Self.guest(steps: 3000, dirty: 64)).status == 0)
+        #expect(try source.run(["vm", "start", "stay"]).status == 0)
+        let (receiver, address, _) = try Self.receive(destination, listen: "unix:" + destination.directory.file("in.sock"))
+        let moved = try source.run(["vm", "move", "stay", "--to", address, "--token", MigrationToken.generate()])
+        #expect(moved.status == 1, "\(moved.stdout)\(moved.stderr)")
+        #expect(moved.stderr.contains("token") || moved.stderr.contains("refused"), "\(moved.stderr)")
+        #expect(receiver.wait(timeoutSeconds: 10) == 1, "\(receiver.errors)")
+        #expect(receiver.errors.contains("does not know the token"), "\(receiver.errors)")
+        #expect(try source.state("stay") == "running")
+        Self.expectNothingReceived(destination)
+        #expect(try source.run(["vm", "stop", "stay"]).status == 0)
+    }
+
+    @Test("a broken stream — closed, a byte flipped, the receiving process killed, at several points — leaves the VM running at the source and nothing at the destination; then it still moves",
+          .timeLimit(.minutes(6)))
+    func faults() throws {
+        let source = try Store(), destination = try Store()
+        #expect(try source.run(["vm", "create", "hardy"] + Self.guest(steps: 4000, dirty: 256)).status == 0)
+        #expect(try source.run(["vm", "start", "hardy"]).status == 0)
+        #expect(source.waitFor { source.consoleLog("hardy").contains("step=5\n") })
+        let faults: [FaultProxy.Fault] = [
+            .close(at: 10), .close(at: 600), .close(at: 3 << 20),
+            .flip(at: 3), .flip(at: 200), .flip(at: 40_000), .flip(at: 2 << 20), .flipReply(at: 30),
+            .hold(at: 100), .hold(at: 1 << 20),
+        ]
+        for (index, fault) in faults.enumerated() {
+            let inbound = destination.directory.file("in\(index).sock")
+            let (receiver, _, token) = try Self.receive(destination, listen: "unix:" + inbound)
+            let proxy = try FaultProxy(path: destination.directory.file("proxy\(index).sock"), target: inbound, fault: fault)
+            let mover = try source.spawn(["vm", "move", "hardy", "--to", "unix:" + proxy.path, "--token", token])
+            if case .hold = fault {
+                #expect(proxy.waitUntilHolding(timeoutSeconds: 30), "\(fault): the stream never reached the point")
+                // Kill the process receiving the VM (the incoming VM process once it exists, else vm receive).
+                let pid = destination.bundle("hardy").processID ?? receiver.pid
+                kill(pid, SIGKILL)
+                usleep(100_000)
+                proxy.release()
+            }
+            let status = mover.wait(timeoutSeconds: 90)
+            #expect(status == 1, "\(fault): vm move exited \(status)\n\(mover.output)\(mover.errors)")
+            #expect(receiver.wait(timeoutSeconds: 60) != 0, "\(fault): vm receive \(receiver.output)\(receiver.errors)")
+            #expect(try source.state("hardy") == "running", "\(fault)")
+            Self.expectNothingReceived(destination, "\(fault)")
+            let before = SnapshotProcessTests.steps(source.consoleLog("hardy")).last ?? 0
+            #expect(source.waitFor(timeoutSeconds: 10) { (SnapshotProcessTests.steps(source.consoleLog("hardy")).last ?? 0) > before },
+                    "\(fault): the guest goes on at the source")
+        }
+        #expect(!source.consoleLog("hardy").contains("error="), "\(source.consoleLog("hardy").suffix(500))")
+        // After all that, it moves.
+        let (receiver, address, token) = try Self.receive(destination, listen: "unix:" + destination.directory.file("last.sock"))
+        let moved = try source.run(["vm", "move", "hardy", "--to", address, "--token", token])
+        #expect(moved.status == 0, "\(moved.stdout)\(moved.stderr)")
+        #expect(receiver.wait(timeoutSeconds: 30) == 0)
+        #expect(try destination.state("hardy") == "running")
+        let after = SnapshotProcessTests.steps(destination.consoleLog("hardy"))
+        #expect(destination.waitFor(timeoutSeconds: 10) { SnapshotProcessTests.steps(destination.consoleLog("hardy")).count > after.count + 5 })
+        #expect(!destination.consoleLog("hardy").contains("error="))
+        #expect(try destination.run(["vm", "stop", "hardy"]).status == 0)
+    }
+
+    @Test("dirtying faster than the link carries: auto-converge throttles the vCPUs and the move completes; without it --timeout aborts and the VM runs on",
+          .timeLimit(.minutes(4)))
+    func convergence() throws {
+        let source = try Store(), destination = try Store()
+        #expect(try source.run(["vm", "create", "busy"] + Self.guest(steps: 4000, dirty: 2048, dirtyMiB: 64)).status == 0)
+        #expect(try source.run(["vm", "start", "busy"]).status == 0)
+        #expect(source.waitFor { source.consoleLog("busy").contains("step=5\n") })
+
+        let (first, address, token) = try Self.receive(destination, listen: "unix:" + destination.directory.file("a.sock"))
+        let aborted = try source.run(["vm", "move", "busy", "--to", address, "--token", token, "--max-bandwidth", "40",
+                                      "--max-downtime", "5", "--no-auto-converge", "--timeout", "3"], timeoutSeconds: 60)
+        #expect(aborted.status == 1, "\(aborted.stdout)\(aborted.stderr)")
+        #expect(aborted.stderr.contains("timeout"), "\(aborted.stderr)")
+        #expect(first.wait(timeoutSeconds: 30) != 0)
+        #expect(try source.state("busy") == "running")
+        Self.expectNothingReceived(destination)
+
+        let (second, address2, token2) = try Self.receive(destination, listen: "unix:" + destination.directory.file("b.sock"))
+        let moved = try source.run(["vm", "move", "busy", "--to", address2, "--token", token2, "--max-bandwidth", "40",
+                                    "--max-downtime", "5", "--json"], timeoutSeconds: 120)
+        #expect(moved.status == 0, "\(moved.stdout)\(moved.stderr)")
+        #expect(second.wait(timeoutSeconds: 30) == 0, "\(second.errors)")
+        let report = try JSONValue.parse(moved.stdout)
+        #expect((report["max_throttle_percent"]?.int64Value ?? 0) > 0, "auto-converge throttled: \(moved.stdout)")
+        #expect(try destination.state("busy") == "running")
+        let steps = SnapshotProcessTests.steps(destination.consoleLog("busy"))
+        #expect(destination.waitFor(timeoutSeconds: 10) { SnapshotProcessTests.steps(destination.consoleLog("busy")).count > steps.count + 5 })
+        #expect(!destination.consoleLog("busy").contains("error="), "\(destination.consoleLog("busy").suffix(500))")
+        #expect(try destination.run(["vm", "stop", "busy"]).status == 0)
+        print("converged: \(moved.stdout)")
+    }
+}

@@ -1,0 +1,186 @@
+import Foundation
+import Testing
+@testable import HyperCore
+#if canImport(Glibc)
+import Glibc
+#endif
+
+/// The migration protocol's pieces without a VM: hashes, tokens, addresses, framing.
+@Suite("Migration: protocol pieces")
+struct MigrationProtocolTests {
+    static func hex(_ bytes: [UInt8]) -> String { MigrationSender.hex(bytes) }
+
+    @Test("SHA-256 and HMAC-SHA-256 match the published test vectors")
+    func hashes() {
+        #expect(Self.hex(SHA256.hash([])) == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+        #expect(Self.hex(SHA256.hash(Array("abc".utf8))) == "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad")
+        #expect(Self.hex(SHA256.hash(Array("abcdbcdecdefdefgefghfghighijhijkijkljklmklmnlmnomnopnopq".utf8)))
+                == "248d6a61d20638b8e5c026930c3e6039a33ce45964ff2167f6ecedd419db06c1")
+        // RFC 4231 test cases 1 and 2.
+        #expect(Self.hex(SHA256.hmac(key: [UInt8](repeating: 0x0b, count: 20), message: Array("Hi There".utf8)))
+                == "b0344c61d8db38535ca8afceaf0bf12b881dc200c9833da726e9376c2e32cff7")
+        #expect(Self.hex(SHA256.hmac(key: Array("Jefe".utf8), message: Array("what do ya want for nothing?".utf8)))
+                == "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843")
+    }
+
+    @Test("tokens: generated ones are 48 hex digits and differ; bad ones are refused; comparison is exact")
+    func tokens() throws {
+        let a = MigrationToken.generate(), b = MigrationToken.generate()
+        #expect(a.count == 48 && a != b)
+        try MigrationToken.validate(a)
+        #expect(throws: MigrationError.self) { try MigrationToken.validate("short") }
+        #expect(throws: MigrationError.self) { try MigrationToken.validate("has a space in it, which is bad") }
+        #expect(MigrationToken.constantTimeEqual([1, 2, 3], [1, 2, 3]))
+        #expect(!MigrationToken.constantTimeEqual([1, 2, 3], [1, 2, 4]) && !MigrationToken.constantTimeEqual([1, 2], [1, 2, 3]))
+    }
+
+    @Test("endpoints: HOST:PORT, [v6]:PORT and unix:PATH parse; anything else is a usage error")
+    func endpoints() throws {
+        #expect(try MigrationEndpoint(parsing: "127.0.0.1:4444") == .tcp(host: "127.0.0.1", port: 4444))
+        #expect(try MigrationEndpoint(parsing: "tcp:localhost:1") == .tcp(host: "localhost", port: 1))
+        #expect(try MigrationEndpoint(parsing: "[::1]:80") == .tcp(host: "::1", port: 80))
+        #expect(try MigrationEndpoint(parsing: "unix:/tmp/x.sock") == .unix(path: "/tmp/x.sock"))
+        for bad in ["", "host", "host:", ":80", "host:70000", "unix:"] {
+            #expect(throws: MigrationError.self, "\(bad)") { try MigrationEndpoint(parsing: bad) }
+        }
+    }
+
+    static func pair() -> (MigrationStream, MigrationStream, () -> Void) {
+        var fds: [Int32] = [0, 0]
+        socketpair(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0, &fds)
+        let a = MigrationStream(fd: fds[0]), b = MigrationStream(fd: fds[1])
+        a.readTimeoutSeconds = 5
+        b.readTimeoutSeconds = 5
+        return (a, b, { close(fds[0]); close(fds[1]) })
+    }
+
+    @Test("sections round-trip; a flipped byte anywhere in a section is caught; an oversized length is refused unread")
+    func framing() throws {
+        let payload = (0..<5000).map { UInt8(truncatingIfNeeded: $0 &* 7) }
+        do {
+            let (a, b, done) = Self.pair()
+            defer { done() }
+            try a.send(.file, payload)
+            let (type, received) = try b.receive()
+            #expect(type == .file && received == payload)
+        }
+        for position in [0, 5, 12, 18, 22, 24, 100, 24 + 4999] {
+            let (a, b, done) = Self.pair()
+            defer { done() }
+            var bytes = a.header(.file, length: payload.count, crc: MigrationStream.crc(payload)) + payload
+            bytes[position] ^= 0x20
+            try a.write(bytes)
+            #expect(throws: MigrationError.self, "byte \(position)") { _ = try b.receive() }
+        }
+        let (a, b, done) = Self.pair()
+        defer { done() }
+        try a.write(a.header(.hello, length: 1 << 40, crc: 0))
+        #expect { _ = try b.receive() } throws: { error in
+            "\(error)".contains("at most")
+        }
+    }
+
+    @Test("a peer of another protocol version is refused, naming both versions")
+    func version() throws {
+        let (a, b, done) = Self.pair()
+        defer { done() }
+        var preamble = MigrationStream.magic
+        a.append(&preamble, UInt32(99))
+        a.append(&preamble, UInt32(0))
+        try a.write(preamble)
+        #expect(throws: MigrationError.unsupportedVersion(found: 99, supported: MigrationStream.version)) { try b.receivePreamble() }
+    }
+}
+
+/// A machine moved inside this process over a socketpair: the library API end to end.
+@Suite("Migration: library end to end", .serialized, .tags(.kvm), .enabled(if: TestHost.kvmUsable, TestHost.kvmSkipReason))
+struct MigrationLibraryTests {
+    static func statefulMachine(_ commandLine: String, memory: UInt64, console: any ConsoleOutput) throws -> Machine {
+        var configuration = MachineConfiguration(boot: .pvh(kernel: try GuestImages.bytes("stateful.elf"), kernelName: "stateful.elf",
+                                                            initrd: nil, commandLine: commandLine))
+        configuration.memorySize = memory
+        configuration.console = console
+        return try Machine(configuration)
+    }
+
+    final class Outcome: @unchecked Sendable {
+        var machine: Machine?
+        var error: (any Error)?
+        let done = DispatchSemaphore(value: 0)
+    }
+
+    /// Runs the receiver's steps on a thread; the returned outcome holds the running machine.
+    static func receive(_ stream: MigrationStream, token: String, console: any ConsoleOutput) -> Outcome {
+        let outcome = Outcome()
+        Thread.detachNewThread {
+            do {
+                let receiver = MigrationReceiver(stream: stream)
+                try receiver.authenticate(token: token)
+                let offer = try receiver.receiveOffer()
+                try receiver.receiveFiles(offer) { _, _, _ throws(MigrationError) in }
+                var options = RestoreOptions()
+                options.console = console
+                let machine = try receiver.receiveMachine(offer, options: options)
+                _ = try receiver.switchOver(machine)
+                outcome.machine = machine
+            } catch {
+                outcome.error = error
+            }
+            outcome.done.signal()
+        }
+        return outcome
+    }
+
+    @Test("a guest dirtying 256 pages a tick moves and continues: every step once, every page right, same result",
+          .timeLimit(.minutes(2)))
+    func moveInProcess() throws {
+        let line = "steps=150 ticks=1 dirty=256 dirtymb=32"
+        let reference = BufferOutput()
+        let exit = try Self.statefulMachine(line, memory: 256 << 20, console: reference).run(timeout: .seconds(60))
+        #expect(exit == .debugExit(0x41), "\(reference.text)")
+        let expected = try #require(SnapshotProcessTests.result(reference.text))
+
+        let (a, b, done) = MigrationProtocolTests.pair()
+        defer { done() }
+        let sourceConsole = BufferOutput(), destinationConsole = BufferOutput()
+        let source = try Self.statefulMachine(line, memory: 256 << 20, console: sourceConsole)
+        try source.start()
+        defer { source.stop() }
+        while !sourceConsole.text.contains("step=30\n") { usleep(5_000); if source.exit != nil { break } }
+        let token = MigrationToken.generate()
+        let outcome = Self.receive(b, token: token, console: destinationConsole)
+        var options = MigrationOptions()
+        options.maxDowntimeMilliseconds = 20
+        let report = try MigrationSender(machine: source, stream: a, token: token, options: options).run()
+        source.finish(.stopped)
+        outcome.done.wait()
+        #expect(outcome.error == nil, "\(String(describing: outcome.error))")
+        let destination = try #require(outcome.machine)
+        let destinationExit = destination.wait(timeout: .seconds(60))
+        let combined = sourceConsole.text + destinationConsole.text
+        #expect(destinationExit == .debugExit(0x41), "\(combined.suffix(2000))")
+        #expect(SnapshotProcessTests.steps(combined) == Array(1...150), "\(combined.suffix(2000))")
+        #expect(SnapshotProcessTests.result(destinationConsole.text) == expected)
+        #expect(destinationConsole.text.contains("dirty_ok="), "\(destinationConsole.text.suffix(500))")
+        #expect(report.passes >= 2 && report.pagesSent > 0 && report.downtimeNanoseconds > 0)
+        print("moved: \(report.passes) passes, \(report.pagesSent) pages, \(report.bytesSent) bytes, total \(Double(report.totalNanoseconds) / 1e6) ms, downtime \(Double(report.downtimeNanoseconds) / 1e6) ms (destination resume \(Double(report.destinationResumeNanoseconds) / 1e6) ms), final pages \(report.finalPages)")
+    }
+
+    @Test("a wrong token is refused on both sides; the source guest keeps running", .timeLimit(.minutes(1)))
+    func wrongToken() throws {
+        let (a, b, done) = MigrationProtocolTests.pair()
+        defer { done() }
+        let console = BufferOutput()
+        let source = try Self.statefulMachine("steps=1000 ticks=1", memory: 64 << 20, console: console)
+        try source.start()
+        defer { source.stop() }
+        let outcome = Self.receive(b, token: MigrationToken.generate(), console: BufferOutput())
+        #expect(throws: MigrationError.self) { _ = try MigrationSender(machine: source, stream: a, token: MigrationToken.generate()).run() }
+        outcome.done.wait()
+        #expect(outcome.error as? MigrationError == .authentication("the sender does not know the token"))
+        #expect(source.runState == .running)
+        let before = SnapshotProcessTests.steps(console.text).last ?? 0
+        usleep(300_000)
+        #expect((SnapshotProcessTests.steps(console.text).last ?? 0) > before, "the source guest goes on")
+    }
+}
