@@ -12,6 +12,8 @@ struct VMConsoleCommand: ParsableCommand {
     @Argument(help: ArgumentHelp("The VM's name.", valueName: "name")) var name: String
     @Flag(help: "Take the console from another attached client.")
     var force = false
+    @Flag(help: "First print the end of console.log (the last 16 KiB): what the guest wrote before this attach.")
+    var replay = false
 
     func run() throws {
         try storeCommand { store in
@@ -32,6 +34,9 @@ struct VMConsoleCommand: ParsableCommand {
             }
             guard answer == Array("OK\n".utf8) else {
                 throw StoreError.refused("VM \(name)'s console is attached elsewhere; hvrun vm console --force \(name) takes it over")
+            }
+            if replay, let log = try? StoreFiles.read(bundle.consoleLogPath) {
+                log.suffix(16 << 10).withUnsafeBytes { writeOut($0) }
             }
             let terminal = RawTerminal()
             defer { terminal.restore() }

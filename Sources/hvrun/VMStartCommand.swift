@@ -16,6 +16,8 @@ struct VMStartCommand: ParsableCommand {
     var timeout: Double = 30
     @Flag(help: "Discard the saved state (if any) and boot afresh.")
     var discardSaved = false
+    @Flag(help: "Attach this terminal to the VM's console once it runs (as hvrun vm console --replay; Ctrl-] detaches, the VM keeps running).")
+    var attach = false
 
     func run() throws {
         try storeCommand { store in
@@ -42,6 +44,10 @@ struct VMStartCommand: ParsableCommand {
                    let state = (try? connection.execute("info", timeoutSeconds: 2))?["state"]?.stringValue,
                    state == "running" || state == "paused" {
                     printOut("started VM \(name)\n")
+                    if attach {
+                        var console = try VMConsoleCommand.parse([name, "--replay"])
+                        try console.run()
+                    }
                     return
                 }
                 if monotonicSeconds() >= deadline {

@@ -594,7 +594,8 @@ struct VMConsoleTests {
     }
 
     /// Spawns `hvrun vm console NAME` with the store and the terminal as its stdin, stdout and stderr.
-    static func attach(_ store: VMStoreCLITests.Store, _ name: String, on terminal: Terminal, force: Bool = false) throws -> pid_t {
+    static func attach(_ store: VMStoreCLITests.Store, _ name: String, on terminal: Terminal, force: Bool = false,
+                       command: [String]? = nil) throws -> pid_t {
         guard let hvrun = TestHost.hvrunPath else { throw Subprocess.Failure.spawn("hvrun", 2) }
         var actions = posix_spawn_file_actions_t()
         posix_spawn_file_actions_init(&actions)
@@ -602,7 +603,7 @@ struct VMConsoleTests {
         posix_spawn_file_actions_addopen(&actions, 0, terminal.slavePath, O_RDWR, 0)
         posix_spawn_file_actions_adddup2(&actions, 0, 1)
         posix_spawn_file_actions_adddup2(&actions, 0, 2)
-        let words: [String] = [hvrun, "vm", "console", name] + (force ? ["--force"] : [])
+        let words: [String] = [hvrun] + (command ?? (["vm", "console", name] + (force ? ["--force"] : [])))
         let argv = words.map { strdup($0) } + [nil]
         defer { argv.forEach { free($0) } }
         var entries = ["HVRUN_HOME=" + store.home]
@@ -652,6 +653,23 @@ struct VMConsoleTests {
         #expect(Self.wait(client) == 0, "\(terminal.text)")
         #expect(terminal.waitFor("console closed"), "\(terminal.text)")
         #expect(store.consoleLog("u").contains("rx=x"))
+    }
+
+    @Test("vm start --attach: the console from the first line on (replayed from console.log), Ctrl-] leaves the VM running",
+          .timeLimit(.minutes(1)))
+    func startAttached() throws {
+        let store = try VMStoreCLITests.Store()
+        #expect(try store.run(["vm", "create", "a"] + VMStoreCLITests.stateful(steps: 2000, ticks: 5)).status == 0)
+        let terminal = try Terminal()
+        let client = try Self.attach(store, "a", on: terminal, command: ["vm", "start", "a", "--attach"])
+        #expect(terminal.waitFor("started VM a"), "\(terminal.text)")
+        #expect(terminal.waitFor("attached"), "\(terminal.text)")
+        #expect(terminal.waitFor("stateful steps=2000"), "the replay shows the guest's first line: \(terminal.text)")
+        #expect(terminal.waitFor("step=3"), "\(terminal.text)")
+        terminal.type([0x1D])
+        #expect(Self.wait(client) == 0, "\(terminal.text)")
+        #expect(try store.state("a") == "running")
+        #expect(try store.run(["vm", "stop", "a", "--force"]).status == 0)
     }
 
     @Test("Ctrl-] detaches and leaves the VM running; --force takes over an attached console", .timeLimit(.minutes(1)))
