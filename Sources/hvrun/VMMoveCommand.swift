@@ -225,7 +225,7 @@ struct VMReceiveCommand: ParsableCommand {
             stream.abort("\(error)")
             throw error
         }
-        spawned = try spawnIncomingProcess(bundle, fd: fd)
+        spawned = try spawnVMProcess(bundle, incoming: fd)
         handedOver = true
         close(fd)
         let deadline = monotonicSeconds() + 3600
@@ -250,38 +250,5 @@ struct VMReceiveCommand: ParsableCommand {
             if monotonicSeconds() > deadline { throw StoreError.failed("receiving VM \(finalName) did not finish within an hour") }
             usleep(5_000)
         }
-    }
-
-    /// `hvrun run --bundle DIR --incoming-fd 3`, detached as `vm start` does, with the
-    /// connection as its descriptor 3.
-    private func spawnIncomingProcess(_ bundle: VMBundle, fd: Int32) throws -> pid_t {
-        var buffer = [CChar](repeating: 0, count: 4096)
-        let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-        guard length > 0 else { throw StoreError.system(operation: "readlink", path: "/proc/self/exe", errno: errno) }
-        let executable = String(decoding: buffer[0..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_adddup2(&actions, fd, 3)
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, bundle.processLogPath, O_WRONLY | O_CREAT | O_APPEND, 0o644)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        posix_spawnattr_setflags(&attributes, Int16(0x80 /* POSIX_SPAWN_SETSID */ | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        posix_spawnattr_setsigmask(&attributes, &empty)
-        var defaults = sigset_t()
-        sigfillset(&defaults)
-        posix_spawnattr_setsigdefault(&attributes, &defaults)
-        let words: [String] = [executable, "run", "--bundle", bundle.path, "--incoming-fd", "3"]
-        let argv = words.map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        var pid: pid_t = 0
-        let spawned = posix_spawn(&pid, executable, &actions, &attributes, argv, environ)
-        guard spawned == 0 else { throw StoreError.system(operation: "posix_spawn", path: executable, errno: spawned) }
-        return pid
     }
 }

@@ -59,39 +59,43 @@ struct VMStartCommand: ParsableCommand {
             }
         }
     }
+}
 
-    private func spawnVMProcess(_ bundle: VMBundle) throws -> pid_t {
-        var buffer = [CChar](repeating: 0, count: 4096)
-        let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
-        guard length > 0 else { throw StoreError.system(operation: "readlink", path: "/proc/self/exe", errno: errno) }
-        let executable = String(decoding: buffer[0..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-        // The process log keeps growing across starts: past 1 MiB the older part moves to hvrun.log.1.
-        if (StoreFiles.size(bundle.processLogPath) ?? 0) > 1 << 20 { rename(bundle.processLogPath, bundle.processLogPath + ".1") }
-        var actions = posix_spawn_file_actions_t()
-        posix_spawn_file_actions_init(&actions)
-        defer { posix_spawn_file_actions_destroy(&actions) }
-        posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-        posix_spawn_file_actions_addopen(&actions, 1, bundle.processLogPath, O_WRONLY | O_CREAT | O_APPEND, 0o644)
-        posix_spawn_file_actions_adddup2(&actions, 1, 2)
-        var attributes = posix_spawnattr_t()
-        posix_spawnattr_init(&attributes)
-        defer { posix_spawnattr_destroy(&attributes) }
-        // A new session: no controlling terminal, and no SIGHUP/SIGINT from the one we were started from.
-        posix_spawnattr_setflags(&attributes, Int16(0x80 /* POSIX_SPAWN_SETSID */ | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
-        var empty = sigset_t()
-        sigemptyset(&empty)
-        posix_spawnattr_setsigmask(&attributes, &empty)
-        var defaults = sigset_t()
-        sigfillset(&defaults)
-        posix_spawnattr_setsigdefault(&attributes, &defaults)
-        let words: [String] = [executable, "run", "--bundle", bundle.path]
-        let argv = words.map { strdup($0) } + [nil]
-        defer { argv.forEach { free($0) } }
-        var pid: pid_t = 0
-        let spawned = posix_spawn(&pid, executable, &actions, &attributes, argv, environ)
-        guard spawned == 0 else { throw StoreError.system(operation: "posix_spawn", path: executable, errno: spawned) }
-        return pid
-    }
+/// Spawns a VM's own process, `hvrun run --bundle DIR` (with `--incoming-fd 3` when `incoming`
+/// is given: that descriptor becomes its descriptor 3), detached: a new session (no controlling
+/// terminal, no SIGHUP/SIGINT from the one we were started from), default signal handling, stdin
+/// /dev/null, stdout and stderr appended to the bundle's `hvrun.log`.
+func spawnVMProcess(_ bundle: VMBundle, incoming: Int32? = nil) throws -> pid_t {
+    var buffer = [CChar](repeating: 0, count: 4096)
+    let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
+    guard length > 0 else { throw StoreError.system(operation: "readlink", path: "/proc/self/exe", errno: errno) }
+    let executable = String(decoding: buffer[0..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
+    // The process log keeps growing across starts: past 1 MiB the older part moves to hvrun.log.1.
+    if (StoreFiles.size(bundle.processLogPath) ?? 0) > 1 << 20 { rename(bundle.processLogPath, bundle.processLogPath + ".1") }
+    var actions = posix_spawn_file_actions_t()
+    posix_spawn_file_actions_init(&actions)
+    defer { posix_spawn_file_actions_destroy(&actions) }
+    if let incoming { posix_spawn_file_actions_adddup2(&actions, incoming, 3) }
+    posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
+    posix_spawn_file_actions_addopen(&actions, 1, bundle.processLogPath, O_WRONLY | O_CREAT | O_APPEND, 0o644)
+    posix_spawn_file_actions_adddup2(&actions, 1, 2)
+    var attributes = posix_spawnattr_t()
+    posix_spawnattr_init(&attributes)
+    defer { posix_spawnattr_destroy(&attributes) }
+    posix_spawnattr_setflags(&attributes, Int16(0x80 /* POSIX_SPAWN_SETSID */ | POSIX_SPAWN_SETSIGMASK | POSIX_SPAWN_SETSIGDEF))
+    var empty = sigset_t()
+    sigemptyset(&empty)
+    posix_spawnattr_setsigmask(&attributes, &empty)
+    var defaults = sigset_t()
+    sigfillset(&defaults)
+    posix_spawnattr_setsigdefault(&attributes, &defaults)
+    let words: [String] = [executable, "run", "--bundle", bundle.path] + (incoming == nil ? [] : ["--incoming-fd", "3"])
+    let argv = words.map { strdup($0) } + [nil]
+    defer { argv.forEach { free($0) } }
+    var pid: pid_t = 0
+    let spawned = posix_spawn(&pid, executable, &actions, &attributes, argv, environ)
+    guard spawned == 0 else { throw StoreError.system(operation: "posix_spawn", path: executable, errno: spawned) }
+    return pid
 }
 
 /// The last lines of a log file, indented, for an error message.
