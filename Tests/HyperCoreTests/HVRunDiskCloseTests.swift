@@ -6,9 +6,9 @@ import Glibc
 
 /// Issue 8 item 1: however an `hvrun run --disk X.vhdx` ends, the VHDX the guest wrote to is closed
 /// cleanly (flushed, log applied, both headers with a zero LogGuid) before the process exits, so
-/// `disk info` shows no pending log and qemu-img opens it. Power-off has no x86 trigger in
-/// HyperCore's devices (KVM_SYSTEM_EVENT_SHUTDOWN comes from no guest action here); it ends
-/// through the same `Machine.run` return as reset.
+/// `disk info` shows no pending log and qemu-img opens it. A power-off (the ACPI sleep control
+/// register, which `powerbtn.elf` writes; see VMStoreCLITests.gracefulStop) ends through the same
+/// `Machine.run` return as reset; the disk-writing guest here does not power off.
 @Suite("hvrun run closes its disks", .serialized, .tags(.kvm),
        .enabled(if: TestHost.kvmUsable, TestHost.kvmSkipReason),
        .enabled(if: TestHost.hvrunPath != nil, "the hvrun binary is not built next to the tests"))
