@@ -45,7 +45,7 @@ struct VMStartCommand: ParsableCommand {
                    state == "running" || state == "paused" {
                     printOut("started VM \(name)\n")
                     if attach {
-                        var console = try VMConsoleCommand.parse([name, "--replay"])
+                        let console = try VMConsoleCommand.parse([name, "--replay"])
                         try console.run()
                     }
                     return

@@ -91,11 +91,7 @@ public final class ControlServer: @unchecked Sendable {
 
     /// A Unix socket address for `path`.
     static func address(_ path: String) throws(ControlError) -> sockaddr_un {
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { throw .pathTooLong(path: path) }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in for (i, byte) in bytes.enumerated() { raw[i] = byte } }
+        guard let address = unixSocketAddress(path) else { throw .pathTooLong(path: path) }
         return address
     }
 
@@ -341,4 +337,15 @@ public enum ControlError: Error, Sendable, CustomStringConvertible {
         case let .failed(message), let .refused(message): message
         }
     }
+}
+
+/// The `sockaddr_un` for `path`, or nil when the path does not fit (107 bytes and a NUL): the
+/// one place the control socket, its clients and migration endpoints build one.
+func unixSocketAddress(_ path: String) -> sockaddr_un? {
+    var address = sockaddr_un()
+    address.sun_family = sa_family_t(AF_UNIX)
+    let bytes = Array(path.utf8)
+    guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else { return nil }
+    withUnsafeMutableBytes(of: &address.sun_path) { raw in for (i, byte) in bytes.enumerated() { raw[i] = byte } }
+    return address
 }

@@ -56,13 +56,9 @@ public enum MigrationEndpoint: Sendable, Equatable, CustomStringConvertible {
     }
 
     private func unixAddress(_ path: String) throws(MigrationError) -> [UInt8] {
-        var address = sockaddr_un()
-        address.sun_family = sa_family_t(AF_UNIX)
-        let bytes = Array(path.utf8)
-        guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
+        guard let address = unixSocketAddress(path) else {
             throw .usage("\(path) is longer than a Unix socket path may be (107 bytes)")
         }
-        withUnsafeMutableBytes(of: &address.sun_path) { raw in for (i, byte) in bytes.enumerated() { raw[i] = byte } }
         return withUnsafeBytes(of: address) { Array($0) }
     }
 

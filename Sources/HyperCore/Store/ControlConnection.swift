@@ -70,13 +70,9 @@ public final class ControlConnection {
 
 /// Connects `fd` to the Unix socket at `path`.
 func connectUnixSocket(_ fd: Int32, path: String) throws(StoreError) {
-    var address = sockaddr_un()
-    address.sun_family = sa_family_t(AF_UNIX)
-    let bytes = Array(path.utf8)
-    guard bytes.count < MemoryLayout.size(ofValue: address.sun_path) else {
+    guard var address = unixSocketAddress(path) else {
         throw .failed("\(path) is longer than a Unix socket path may be (107 bytes); choose a shorter HVRUN_HOME")
     }
-    withUnsafeMutableBytes(of: &address.sun_path) { raw in for (i, byte) in bytes.enumerated() { raw[i] = byte } }
     let connected = withUnsafePointer(to: &address) {
         $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
     }
