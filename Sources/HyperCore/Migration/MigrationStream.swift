@@ -193,13 +193,7 @@ public final class MigrationStream: @unchecked Sendable {
         while !remaining.isEmpty {
             // A peer that stops reading (hung, or a full pipe nobody drains) must not block the
             // sender forever: wait for room at most as long as a read waits for data.
-            var entry = pollfd(fd: fd, events: Int16(POLLOUT), revents: 0)
-            let ready = poll(&entry, 1, Int32(readTimeoutSeconds * 1000))
-            if ready < 0 {
-                if errno == EINTR { continue }
-                throw .io(operation: "poll", errno: errno)
-            }
-            guard ready > 0 else { throw .timeout("the peer took nothing for \(Int(readTimeoutSeconds)) s") }
+            guard try waitReady(POLLOUT, silence: "took nothing") else { continue }
             let chunk = Array(remaining.prefix(1024))
             let bases = chunk.map { Optional($0.0) }
             let lengths = chunk.map { $0.1 }
@@ -241,17 +235,24 @@ public final class MigrationStream: @unchecked Sendable {
         return bytes
     }
 
+    /// Waits up to ``readTimeoutSeconds`` for `events` on the stream: true when ready, false when
+    /// a signal interrupted the wait (poll again); a silent peer is a timeout naming what it did not do.
+    private func waitReady(_ events: Int32, silence: String) throws(MigrationError) -> Bool {
+        var entry = pollfd(fd: fd, events: Int16(events), revents: 0)
+        let ready = poll(&entry, 1, Int32(readTimeoutSeconds * 1000))
+        if ready < 0 {
+            if errno == EINTR { return false }
+            throw .io(operation: "poll", errno: errno)
+        }
+        guard ready > 0 else { throw .timeout("the peer \(silence) for \(Int(readTimeoutSeconds)) s") }
+        return true
+    }
+
     /// Reads exactly `count` bytes into `pointer`, waiting at most ``readTimeoutSeconds`` for each piece.
     func read(into pointer: UnsafeMutableRawPointer, _ count: Int) throws(MigrationError) {
         var done = 0
         while done < count {
-            var entry = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-            let ready = poll(&entry, 1, Int32(readTimeoutSeconds * 1000))
-            if ready < 0 {
-                if errno == EINTR { continue }
-                throw .io(operation: "poll", errno: errno)
-            }
-            guard ready > 0 else { throw .timeout("the peer sent nothing for \(Int(readTimeoutSeconds)) s") }
+            guard try waitReady(POLLIN, silence: "sent nothing") else { continue }
             let got = Glibc.read(fd, pointer + done, count - done)
             if got < 0 {
                 if errno == EINTR || errno == EAGAIN { continue }
