@@ -12,7 +12,7 @@ struct VMConsoleCommand: ParsableCommand {
     @Argument(help: ArgumentHelp("The VM's name.", valueName: "name")) var name: String
     @Flag(help: "Take the console from another attached client.")
     var force = false
-    @Flag(help: "First print the end of console.log (the last 16 KiB): what the guest wrote before this attach.")
+    @Flag(help: "First print the end of console.log (the last 16 KiB): what the guest wrote before this attach, with nothing lost or repeated up to the live output.")
     var replay = false
 
     func run() throws {
@@ -23,8 +23,10 @@ struct VMConsoleCommand: ParsableCommand {
             guard fd >= 0 else { throw StoreError.system(operation: "socket", path: bundle.consoleSocketPath, errno: errno) }
             defer { close(fd) }
             try connectConsole(fd, bundle.consoleSocketPath)
-            var request = force ? UInt8(ascii: "F") : UInt8(ascii: "A")
-            guard send(fd, &request, 1, Int32(MSG_NOSIGNAL)) == 1 else { throw StoreError.system(operation: "send", path: bundle.consoleSocketPath, errno: errno) }
+            let request = Array(("attach" + (force ? " force" : "") + (replay ? " replay" : "") + "\n").utf8)
+            guard request.withUnsafeBytes({ send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }) == request.count else {
+                throw StoreError.system(operation: "send", path: bundle.consoleSocketPath, errno: errno)
+            }
             var answer: [UInt8] = []
             var byte: UInt8 = 0
             while answer.last != UInt8(ascii: "\n"), answer.count < 16 {
@@ -35,9 +37,8 @@ struct VMConsoleCommand: ParsableCommand {
             guard answer == Array("OK\n".utf8) else {
                 throw StoreError.refused("VM \(name)'s console is attached elsewhere; hvrun vm console --force \(name) takes it over")
             }
-            if replay, let log = try? StoreFiles.read(bundle.consoleLogPath) {
-                log.suffix(16 << 10).withUnsafeBytes { writeOut($0) }
-            }
+            // The notice comes first; with --replay the server then sends the log's end ahead of
+            // the live output, so no line is split by it.
             let terminal = RawTerminal()
             defer { terminal.restore() }
             printError("hvrun: attached to VM \(name)'s console; Ctrl-] detaches\r")

@@ -104,7 +104,7 @@ struct VMConsoleServerTests {
         Array(text.utf8).withUnsafeBytes { console.write($0) }
     }
 
-    /// Connects to `path`, sends the request byte and returns the socket and the answer line.
+    /// Connects to `path`, sends the request line and returns the socket and the answer line.
     static func attach(_ path: String, _ request: String) throws -> (fd: Int32, answer: String) {
         let fd = socket(AF_UNIX, Int32(SOCK_STREAM.rawValue), 0)
         var address = sockaddr_un()
@@ -114,7 +114,8 @@ struct VMConsoleServerTests {
             $0.withMemoryRebound(to: sockaddr.self, capacity: 1) { connect(fd, $0, socklen_t(MemoryLayout<sockaddr_un>.size)) }
         }
         guard connected == 0 else { throw Subprocess.Failure.spawn("connect", errno) }
-        _ = send(fd, request, 1, Int32(MSG_NOSIGNAL))
+        let line = Array((request + "\n").utf8)
+        _ = send(fd, line, line.count, Int32(MSG_NOSIGNAL))
         return (fd, readUntil(fd, "\n"))
     }
 
@@ -148,28 +149,51 @@ struct VMConsoleServerTests {
         #expect(current == "line 4 of some output\n", "\(current)")
     }
 
-    @Test("attach: OK then output; a second client is BUSY; F takes over and the first sees EOF")
+    @Test("attach: OK then output; a second client is BUSY; force takes over and the first sees EOF")
     func attachProtocol() throws {
         let directory = try TemporaryDirectory()
         let socketPath = directory.file("console.sock")
         let console = try VMConsoleServer(logPath: directory.file("console.log"), socketPath: socketPath)
         try console.serve()
         defer { console.removeSocket() }
-        let first = try Self.attach(socketPath, "A")
+        let first = try Self.attach(socketPath, "attach")
         defer { close(first.fd) }
         #expect(first.answer == "OK\n")
         Self.write(console, "hello\n")
         #expect(Self.readUntil(first.fd, "hello\n") == "hello\n")
-        let second = try Self.attach(socketPath, "A")
+        let second = try Self.attach(socketPath, "attach")
         defer { close(second.fd) }
         #expect(second.answer.hasPrefix("BUSY\n"))
-        let third = try Self.attach(socketPath, "F")
+        let third = try Self.attach(socketPath, "attach force")
         defer { close(third.fd) }
         #expect(third.answer == "OK\n")
         #expect(Self.readUntil(first.fd, "never").hasSuffix("<EOF>"))
         Self.write(console, "again\n")
         #expect(Self.readUntil(third.fd, "again\n") == "again\n")
         #expect(try Self.attach(socketPath, "x").answer == "<EOF>", "an unknown request is dropped")
+        #expect(try Self.attach(socketPath, "attach forcefully").answer == "<EOF>", "an unknown word is dropped")
+    }
+
+    @Test("attach replay: the log's end comes first, then live output, nothing lost or repeated; the tail reaches into console.log.1")
+    func attachReplay() throws {
+        let directory = try TemporaryDirectory()
+        let socketPath = directory.file("console.sock")
+        let console = try VMConsoleServer(logPath: directory.file("console.log"), socketPath: socketPath, rotateBytes: 64)
+        try console.serve()
+        defer { console.removeSocket() }
+        Self.write(console, String(repeating: "a", count: 60) + "\n")   // 61 bytes: stays
+        Self.write(console, "rotated\n")                                 // passes 64: console.log.1
+        Self.write(console, "current\n")
+        let client = try Self.attach(socketPath, "attach replay")
+        defer { close(client.fd) }
+        #expect(client.answer == "OK\n")
+        Self.write(console, "live\n")
+        let text = Self.readUntil(client.fd, "live\n")
+        #expect(text == String(repeating: "a", count: 60) + "\nrotated\ncurrent\nlive\n", "\(text)")
+
+        // The tail is bounded: a long log sends only its last replayBytes.
+        let long = VMConsoleServer.lastBytes(of: directory.file("console.log"), count: 4)
+        #expect(long == Array("ive\n".utf8))
     }
 }
 
@@ -666,6 +690,13 @@ struct VMConsoleTests {
         #expect(terminal.waitFor("attached"), "\(terminal.text)")
         #expect(terminal.waitFor("stateful steps=2000"), "the replay shows the guest's first line: \(terminal.text)")
         #expect(terminal.waitFor("step=3"), "\(terminal.text)")
+        // The notice comes before the replay, and the replay joins the live output exactly.
+        let text = terminal.text
+        let lines = text.split(whereSeparator: { $0 == "\n" || $0 == "\r" || $0 == "\r\n" })
+        #expect(lines.filter { $0.hasPrefix("stateful steps=2000") }.count == 1, "the first line whole and once: \(text)")
+        for step in 1...2 { #expect(lines.filter { $0 == "step=\(step)" }.count == 1, "step=\(step) once: \(text)") }
+        let notice = lines.firstIndex { $0.contains("attached to VM") }, first = lines.firstIndex { $0.hasPrefix("stateful") }
+        #expect(notice != nil && first != nil && notice! < first!, "the notice before the replay: \(text)")
         terminal.type([0x1D])
         #expect(Self.wait(client) == 0, "\(terminal.text)")
         #expect(try store.state("a") == "running")

@@ -8,13 +8,18 @@ internal import Glibc
 /// whose bytes go to the guest's UART. One client at a time; a client that asks with force takes
 /// the place of the attached one.
 ///
-/// Attach protocol: the client sends one byte, `A` (attach) or `F` (attach, detaching whoever is
-/// attached); the server answers `OK\n` or `BUSY\n`; then the connection is the raw console in
-/// both directions until either side closes it. Output the client cannot take at once is dropped
-/// for it (the log keeps everything): a slow client never stalls the guest.
+/// Attach protocol: the client sends one request line, `attach`, optionally followed by the words
+/// `force` (detach whoever is attached) and `replay` (first send the end of `console.log`, its
+/// last ``replayBytes``), and a newline; the server answers `OK\n` or `BUSY\n`; then the
+/// connection is the raw console in both directions until either side closes it. The replay is
+/// read and sent under the same lock as guest output, so no byte is lost or shown twice between
+/// the log's end and the live stream. Output the client cannot take at once is dropped for it (the
+/// log keeps everything): a slow client never stalls the guest.
 public final class VMConsoleServer: ConsoleOutput, @unchecked Sendable {
     /// The size past which `console.log` is rotated (16 MiB).
     public static let defaultRotateBytes: Int64 = 16 << 20
+    /// How much of the log's end an attach with `replay` sends first (16 KiB).
+    public static let replayBytes = 16 << 10
     let rotateBytes: Int64
 
     private struct State {
@@ -113,25 +118,59 @@ public final class VMConsoleServer: ConsoleOutput, @unchecked Sendable {
         }
     }
 
+    /// What an attach request asks for.
+    struct Request: Equatable {
+        var force = false
+        var replay = false
+
+        /// Parses `attach [force] [replay]` (without the newline); nil for anything else.
+        init?(_ line: String) {
+            let words = line.split(separator: " ")
+            guard words.first == "attach" else { return nil }
+            for word in words.dropFirst() {
+                switch word {
+                case "force": force = true
+                case "replay": replay = true
+                default: return nil
+                }
+            }
+        }
+    }
+
+    /// Reads the request line (at most 64 bytes) within 2 seconds; nil when the client says
+    /// nothing, too much, or something else.
+    private func readRequest(_ fd: Int32) -> Request? {
+        var line: [UInt8] = []
+        let deadline = monotonicSeconds() + 2
+        while line.count < 64 {
+            let left = Int32(max(0, (deadline - monotonicSeconds()) * 1000))
+            var entry = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
+            var byte: UInt8 = 0
+            guard left > 0, poll(&entry, 1, left) == 1, read(fd, &byte, 1) == 1 else { return nil }
+            if byte == UInt8(ascii: "\n") { return Request(String(decoding: line, as: UTF8.self)) }
+            line.append(byte)
+        }
+        return nil
+    }
+
     private func accept() {
         let fd = Glibc.accept(listener, nil, nil)
         guard fd >= 0 else { return }
         _ = fcntl(fd, F_SETFD, FD_CLOEXEC)
-        // The request byte, with a deadline: a client that says nothing is dropped.
-        var entry = pollfd(fd: fd, events: Int16(POLLIN), revents: 0)
-        var request: UInt8 = 0
-        guard poll(&entry, 1, 2000) == 1, read(fd, &request, 1) == 1, request == UInt8(ascii: "A") || request == UInt8(ascii: "F") else {
+        guard let request = readRequest(fd) else {
             close(fd)
             return
         }
-        // The answer is sent under the lock, so no console output can come before it.
+        // The answer and the replay are sent under the lock, so no console output comes before
+        // them and none falls between the log's end and the live stream.
         let accepted = state.withLock { state -> Bool in
-            if state.client >= 0, request != UInt8(ascii: "F") { return false }
+            if state.client >= 0, !request.force { return false }
             if state.client >= 0 {
                 shutdown(state.client, Int32(SHUT_RDWR))
                 Glibc.close(state.client)
             }
             _ = "OK\n".withCString { send(fd, $0, 3, Int32(MSG_NOSIGNAL)) }
+            if request.replay { sendLogTail(to: fd) }
             state.client = fd
             return true
         }
@@ -139,6 +178,41 @@ public final class VMConsoleServer: ConsoleOutput, @unchecked Sendable {
             _ = "BUSY\n".withCString { send(fd, $0, 5, Int32(MSG_NOSIGNAL)) }
             Glibc.close(fd)
         }
+    }
+
+    /// Sends the last ``replayBytes`` of what the guest wrote (from `console.log.1` too when the
+    /// log was just rotated). Called with the lock held: the log does not grow meanwhile.
+    private func sendLogTail(to fd: Int32) {
+        var tail: [UInt8] = []
+        for path in [logPath, logPath + ".1"] where tail.count < Self.replayBytes {
+            tail = Self.lastBytes(of: path, count: Self.replayBytes - tail.count) + tail
+        }
+        var done = 0
+        while done < tail.count {
+            let sent = tail[done...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
+            if sent < 0, errno == EINTR { continue }
+            guard sent > 0 else { return }
+            done += sent
+        }
+    }
+
+    /// The last `count` bytes of the file at `path` (fewer when it is shorter; none when absent).
+    static func lastBytes(of path: String, count: Int) -> [UInt8] {
+        let fd = open(path, O_RDONLY | O_CLOEXEC)
+        guard fd >= 0 else { return [] }
+        defer { close(fd) }
+        var info = stat()
+        guard fstat(fd, &info) == 0 else { return [] }
+        let start = max(0, Int(info.st_size) - count)
+        var bytes = [UInt8](repeating: 0, count: Int(info.st_size) - start)
+        var done = 0
+        while done < bytes.count {
+            let got = bytes[done...].withUnsafeMutableBytes { pread(fd, $0.baseAddress, $0.count, off_t(start + done)) }
+            if got < 0, errno == EINTR { continue }
+            guard got > 0 else { break }
+            done += got
+        }
+        return Array(bytes[..<done])
     }
 
     /// Removes `console.sock` (the process is ending).
