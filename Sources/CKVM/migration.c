@@ -3,6 +3,7 @@
 #include <stdint.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <sys/socket.h>
 #include <errno.h>
 
 #if defined(__x86_64__)
@@ -46,7 +47,11 @@ long ckvm_writev(int fd, const void *const *bases, const size_t *lengths, int co
         vec[i].iov_base = (void *)bases[i];
         vec[i].iov_len = lengths[i];
     }
-    ssize_t n = writev(fd, vec, count);
+    // sendmsg with MSG_NOSIGNAL: a peer that went away is an EPIPE error for the caller, never a
+    // SIGPIPE that ends the process (a library must not kill its host). Pipes and files: writev.
+    struct msghdr message = { .msg_iov = vec, .msg_iovlen = (size_t)count };
+    ssize_t n = sendmsg(fd, &message, MSG_NOSIGNAL);
+    if (n < 0 && errno == ENOTSOCK) n = writev(fd, vec, count);
     return n < 0 ? -errno : n;
 }
 

@@ -34,6 +34,9 @@ final class BundleCheckpoints: Sendable {
         server.commands["vm-checkpoint"] = { [self] arguments in try checkpoint(arguments) }
         server.commands["vm-checkpoint-delete"] = { [self] arguments in try delete(arguments) }
         server.commands["vm-merging"] = { [self] _ in [("merging", .bool(busy.withLock { $0 } || store.hasPendingWork()))] }
+        server.migrationBlocker = { [self] in
+            busy.withLock { $0 } ? "the VM's disks are busy (a checkpoint merge or a storage move); move it once that is done" : nil
+        }
     }
 
     private func checkpoint(_ arguments: JSONValue) throws(ControlError) -> [(String, JSONValue)] {
@@ -65,7 +68,9 @@ final class BundleCheckpoints: Sendable {
         return [("deleted", .array(deleted.map { .string($0.id) })), ("merging", .bool(true))]
     }
 
-    private func acquire() throws(ControlError) {
+    /// Claims this VM's one piece of disk work (no checkpoint, merge or storage move meanwhile);
+    /// ``release()`` when it is done.
+    func acquire() throws(ControlError) {
         let acquired = busy.withLock { (taken: inout Bool) -> Bool in
             if taken { return false }
             taken = true
@@ -76,7 +81,7 @@ final class BundleCheckpoints: Sendable {
         }
     }
 
-    private func release() { busy.withLock { $0 = false } }
+    func release() { busy.withLock { $0 = false } }
 
     private static func controlError(_ error: StoreError) -> ControlError {
         if case .refused = error { return .refused(error.description) }

@@ -32,11 +32,22 @@ final class BundleIncoming {
     deinit { close(fd) }
 
     func receiveMachine(_ configuration: VMConfiguration, console: VMConsoleServer) throws -> Machine {
+        let bundle = self.bundle
         var options = RestoreOptions()
         options.console = console
         options.diskPaths = configuration.disks.map { bundle.activePath(of: $0) }
         options.expectedCPUCount = configuration.cpus
         options.expectedMemorySize = configuration.memoryBytes
+        // Storage copy: the disks the guest writes arrive during the migration; once complete,
+        // those that are differencing disks are re-pointed at their copied parents.
+        let sentWhole = Set(offer.files.map(\.name))
+        let pairs = try StorageCopyPlan.reparentPairs(offer.metadata).filter { !sentWhole.contains($0.child) }
+        receiver.disksCopied = { () throws(MigrationError) in try StorageCopyPlan.reparent(pairs, in: bundle) }
+        if offer.storage == .copy {
+            for path in options.diskPaths.compactMap({ $0 }) where path.hasPrefix(bundle.path + "/") {
+                try StoreFiles.makeDirectories(String(path[..<path.lastIndex(of: "/")!]))
+            }
+        }
         do {
             return try receiver.receiveMachine(offer, options: options)
         } catch {

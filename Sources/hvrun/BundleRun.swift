@@ -136,6 +136,7 @@ struct BundleRun {
         server.onStop = { stop.requestFromControl() }
         let checkpoints = BundleCheckpoints(bundle: bundle, machine: machine)
         checkpoints.install(on: server)
+        BundleStorageMove(bundle: bundle, machine: machine, checkpoints: checkpoints).install(on: server)
         defer { server.close() }
         do {
             if let incoming { try incoming.switchOver(machine) } else { try machine.start() }

@@ -23,11 +23,11 @@ struct VMMoveCommand: ParsableCommand {
     var token: String?
     @Option(help: ArgumentHelp("shared: both hosts see the disk files (only memory and state move); copy: the disks move too. Default: shared when every disk is outside the VM's directory, else copy.", valueName: "shared|copy"))
     var storage: String?
-    @Option(help: ArgumentHelp("Largest pause the guest may see, in milliseconds.", valueName: "ms"))
+    @Option(help: ArgumentHelp("Largest pause the guest may see, in milliseconds (with --storage-only: the longest wait of its disk I/O).", valueName: "ms"))
     var maxDowntime: Double = 50
     @Option(help: ArgumentHelp("Abort (the VM runs on here) if the switch-over has not started after this many seconds.", valueName: "seconds"))
     var timeout: Double?
-    @Option(help: ArgumentHelp("Storage migration on this host: move the running VM's disks into this directory.", valueName: "dir"))
+    @Option(help: ArgumentHelp("Storage migration on this host: move the running VM's disk files (every chain, checkpoints' files included) into this directory while it runs.", valueName: "dir"))
     var storageOnly: String?
     @Option(help: ArgumentHelp("Cap the pre-copy's send rate, in MB/s (the switch-over is never capped).", valueName: "mbps"))
     var maxBandwidth: Double?
@@ -51,28 +51,35 @@ struct VMMoveCommand: ParsableCommand {
         try storeCommand { store in
             let bundle = try store.bundle(named: name)
             _ = try requireState(store, bundle, [.running, .paused], for: "move")
-            if storageOnly != nil {
-                throw StoreError.failed("--storage-only is not implemented yet: stop the VM and move its disks, or move it to another store with --storage copy")
+            if let storageOnly {
+                try moveStorage(bundle, into: StoreFiles.canonical(storageOnly))
+                return
             }
             let configuration = try bundle.configuration()
             let mode = storage ?? (configuration.disks.allSatisfy { !$0.isInBundle } ? "shared" : "copy")
-            let writable = configuration.disks.filter { !$0.readonly }
             if mode == "shared", let local = configuration.disks.first(where: \.isInBundle) {
                 throw StoreError.invalid("disk \(local.path) is inside the VM's directory, which the destination cannot see: use --storage copy")
             }
-            if mode == "copy", !configuration.disks.isEmpty {
-                throw StoreError.failed("--storage copy is not implemented yet (disks: \(configuration.disks.map(\.path).joined(separator: ", "))); with disk files both hosts see, use --storage shared")
+            guard configuration.pending.isEmpty else {
+                throw StoreError.refused("VM \(name) is finishing checkpoint work (a merge); move it once `hvrun vm info \(name)` shows none pending")
             }
-            _ = writable
-            let vm = try JSONValue.parse(try StoreFiles.read(bundle.configurationPath))
+            var vm = try JSONValue.parse(try StoreFiles.read(bundle.configurationPath))
             var files: [JSONValue] = [.object([("name", .string("kernel")), ("path", .string(bundle.file(configuration.boot.kernel)))])]
             if let initrd = configuration.boot.initrd {
                 files.append(.object([("name", .string("initrd")), ("path", .string(bundle.file(initrd)))]))
             }
+            var metadata: [(String, JSONValue)] = [("name", .string(name))]
+            if mode == "copy" {
+                let plan = try StorageCopyPlan(bundle: bundle, configuration: configuration)
+                vm = try JSONValue.parse(Array(try plan.relocation.configuration.encoded().utf8))
+                files += plan.files.map { .object([("name", .string($0.name)), ("path", .string($0.path))]) }
+                metadata.append(("reparent", .array(plan.relocation.reparent.map { .array([.string($0.child), .string($0.parent)]) })))
+            }
+            metadata.append(("vm", vm))
             var arguments: [(String, JSONValue)] = [
                 ("uri", .string(to!)), ("token", .string(token!)), ("storage", .string(mode)),
                 ("max_downtime_ms", .double(maxDowntime)), ("auto_converge", .bool(!noAutoConverge)),
-                ("metadata", .object([("name", .string(name)), ("vm", vm)])), ("files", .array(files)),
+                ("metadata", .object(metadata)), ("files", .array(files)),
             ]
             if let timeout { arguments.append(("timeout_s", .double(timeout))) }
             if let maxBandwidth { arguments.append(("max_bandwidth_mbps", .double(maxBandwidth))) }
@@ -116,6 +123,33 @@ struct VMMoveCommand: ParsableCommand {
                 printOut("moved VM \(name) to \(to!): \(result["passes"]?.int64Value ?? 0) passes, \((result["bytes_sent"]?.int64Value ?? 0) >> 10) KiB sent, total \(ms("total_ms")) ms, downtime \(ms("downtime_ms")) ms"
                          + (throttle > 0 ? " (auto-converge throttled the vCPUs up to \(throttle)%)" : "") + "\n")
             }
+        }
+    }
+}
+
+extension VMMoveCommand {
+    /// `--storage-only DIR`: the VM's process moves its disk files into DIR while the guest runs.
+    func moveStorage(_ bundle: VMBundle, into directory: String) throws {
+        guard StoreFiles.isDirectory(directory) else { throw StoreError.invalid("\(directory) is not a directory") }
+        let connection = try ControlConnection(path: bundle.controlSocketPath)
+        try connection.execute("vm-move-storage", arguments: [("dir", .string(directory)), ("max_stall_ms", .double(maxDowntime))])
+        var result: JSONValue = .null
+        while true {
+            let line = try connection.readLine(timeoutSeconds: timeout ?? 24 * 3600)
+            if line["event"]?.stringValue == "STORAGE_MOVE", let data = line["data"] { result = data; break }
+        }
+        guard result["status"]?.stringValue == "completed" else {
+            let message = "VM \(name)'s disks did not move: \(result["error"]?.stringValue ?? "unknown error"); it runs on its old files"
+            throw result["refused"] == .bool(true) ? StoreError.refused(message) : StoreError.failed(message)
+        }
+        if json {
+            printOut(result.rendered() + "\n")
+            return
+        }
+        let ms = { (key: String) in result[key]?.doubleValue.map { String(($0 * 10).rounded() / 10) } ?? "?" }
+        printOut("moved VM \(name)'s disks to \(directory): \((result["bytes_copied"]?.int64Value ?? 0) >> 10) KiB copied in \(result["rounds"]?.int64Value ?? 0) passes, disk I/O paused \(ms("stall_ms")) ms, total \(ms("total_ms")) ms\n")
+        if case let .array(left)? = result["left_in_place"], !left.isEmpty {
+            printOut("left in place (outside the VM's directory; delete them if nothing else uses them): \(left.compactMap(\.stringValue).joined(separator: ", "))\n")
         }
     }
 }
@@ -180,17 +214,33 @@ struct VMReceiveCommand: ParsableCommand {
         }
         var configuration = try VMConfiguration.decode(Array(vm.rendered().utf8), path: "the offer")
         configuration.name = finalName
-        guard offer.files.allSatisfy({ ["kernel", "initrd"].contains($0.name) }) else {
-            stream.abort("unexpected file names in the offer")
-            throw StoreError.failed("the sender offered files other than kernel and initrd")
+        let reparent: [(child: String, parent: String)]
+        do {
+            guard offer.files.allSatisfy({ StorageCopyPlan.isSafeName($0.name) }), Set(offer.files.map(\.name)).count == offer.files.count else {
+                throw StoreError.failed("the sender offered a file name that does not belong in a VM's directory: \(offer.files.map(\.name))")
+            }
+            reparent = try StorageCopyPlan.reparentPairs(offer.metadata)
+        } catch {
+            stream.abort("\(error)")
+            throw error
         }
         // Reserve the name: a bundle with an `incoming` marker is not a VM of the store yet.
         let bundle = VMBundle(name: finalName, path: store.vmsPath + "/" + finalName)
         do {
             try store.withStoreLock { () throws(StoreError) in
                 guard !StoreFiles.exists(bundle.path) else { throw .refused("a VM named \(finalName) already exists here (use --name)") }
-                guard mkdir(bundle.path, 0o755) == 0 else { throw .system(operation: "mkdir", path: bundle.path, errno: errno) }
-                try StoreFiles.writeAtomically(bundle.incomingPath, Array("\(getpid())\n\(offer.json.rendered())".utf8))
+                // Assembled aside and renamed: the bundle never exists without its marker, so a
+                // receive killed at any point leaves something the store's recovery removes.
+                let staging = store.vmsPath + "/.\(finalName).receiving-\(getpid())"
+                try? StoreFiles.removeTree(staging)
+                guard mkdir(staging, 0o755) == 0 else { throw .system(operation: "mkdir", path: staging, errno: errno) }
+                try StoreFiles.writeAtomically(staging + "/incoming", Array("\(getpid())\n\(offer.json.rendered())".utf8))
+                guard rename(staging, bundle.path) == 0 else {
+                    let code = errno
+                    try? StoreFiles.removeTree(staging)
+                    throw .system(operation: "rename", path: bundle.path, errno: code)
+                }
+                StoreFiles.syncDirectory(of: bundle.path)
             }
         } catch {
             stream.abort("\(error)")
@@ -210,6 +260,9 @@ struct VMReceiveCommand: ParsableCommand {
             try receiver.receiveFiles(offer) { (index, offset, bytes) throws(MigrationError) in
                 let path = bundle.path + "/" + offer.files[index].name
                 if open[index] == nil {
+                    do throws(StoreError) { try StoreFiles.makeDirectories(String(path[..<path.lastIndex(of: "/")!])) } catch {
+                        throw .machine("\(error)")
+                    }
                     let fd = Glibc.open(path, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
                     guard fd >= 0 else { throw .io(operation: "create \(path)", errno: errno) }
                     open[index] = fd
@@ -218,8 +271,23 @@ struct VMReceiveCommand: ParsableCommand {
                 if failed { throw .io(operation: "write \(path)", errno: errno) }
             }
             for (index, file) in offer.files.enumerated() where open[index] == nil {
+                try StoreFiles.makeDirectories(bundle.path + "/" + file.name.split(separator: "/").dropLast().joined(separator: "/"))
                 try StoreFiles.writeAtomically(bundle.path + "/" + file.name, [])
             }
+            // As the source had them: raw disks are known by size and modification time.
+            for (index, file) in offer.files.enumerated() {
+                let path = bundle.path + "/" + file.name
+                if let fd = open[index] { guard fsync(fd) == 0 else { throw MigrationError.io(operation: "fsync \(path)", errno: errno) } }
+                if let time = offer.fileTimes[index] {
+                    var times = [timespec(tv_sec: Int(time / 1_000_000_000), tv_nsec: Int(time % 1_000_000_000)),
+                                 timespec(tv_sec: Int(time / 1_000_000_000), tv_nsec: Int(time % 1_000_000_000))]
+                    guard utimensat(AT_FDCWD, path, &times, 0) == 0 else { throw MigrationError.io(operation: "utimensat \(path)", errno: errno) }
+                }
+            }
+            // Frozen differencing disks come whole: re-point them at their copied parents now
+            // (the files the guest writes are re-pointed by the VM process once they are copied).
+            let names = Set(offer.files.map(\.name))
+            try StorageCopyPlan.reparent(reparent.filter { names.contains($0.child) }, in: bundle)
             try StoreFiles.writeAtomically(bundle.configurationPath, Array(try configuration.encoded().utf8))
         } catch {
             stream.abort("\(error)")

@@ -111,6 +111,8 @@ final class FaultProxy: @unchecked Sendable {
 struct MigrationProcessTests {
     typealias Store = VMStoreCLITests.Store
 
+    static func fileBytesAtPath(_ path: String) throws -> [UInt8] { try StoreFiles.read(path) }
+
     static func guest(steps: Int, dirty: Int, dirtyMiB: Int = 32, memory: String = "256M") throws -> [String] {
         ["--kernel", try GuestImages.path("stateful.elf"), "--memory", memory,
          "--cmdline", "steps=\(steps) ticks=1 dirty=\(dirty) dirtymb=\(dirtyMiB)"]
@@ -222,6 +224,131 @@ struct MigrationProcessTests {
         #expect(StoreFiles.exists(disk), "a shared disk outside the bundle stays")
     }
 
+    @Test("storage copy: a guest writing its disk every step moves with the disk; the chain (a checkpoint's AVHDX on a base outside the VM) arrives whole, re-pointed at the copied base, and the final disk equals the uninterrupted run's",
+          .timeLimit(.minutes(3)), arguments: ["raw", "vhdx-chain"])
+    func copiedDisk(_ kind: String) throws {
+        let source = try Store(), destination = try Store()
+        let disks = try TemporaryDirectory()
+        let steps = 300
+        let format = kind == "raw" ? "raw" : "vhdx"
+        let line = "steps=\(steps) ticks=1 dirty=64 dirtymb=16 blk=1"
+        let referenceDisk = try #require(try SnapshotProcessTests.makeDisk(format, in: disks, name: "reference"))
+        let reference = try TestHost.hvrun(["run", "--kernel", try GuestImages.path("stateful.elf"), "--memory", "256M", "--disk", referenceDisk,
+                                            "--cmdline", line, "--timeout", "60"], timeoutSeconds: 90)
+        #expect(reference.status == 0x41, "\(reference.stdout)\(reference.stderr)")
+        let expected = try #require(SnapshotProcessTests.result(reference.stdout))
+        let disk = try #require(try SnapshotProcessTests.makeDisk(format, in: disks, name: "base"))
+        let baseBefore = try Self.fileBytesAtPath(disk)
+        #expect(try source.run(["vm", "create", "copier", "--kernel", try GuestImages.path("stateful.elf"), "--memory", "256M",
+                                "--disk", disk, "--cmdline", line]).status == 0)
+        if kind == "vhdx-chain" {
+            // The guest writes a differencing disk in the bundle; its parent stays outside.
+            #expect(try source.run(["vm", "checkpoint", "create", "copier", "before"]).status == 0)
+        }
+        #expect(try source.run(["vm", "start", "copier"]).status == 0)
+        #expect(source.waitFor { source.consoleLog("copier").contains("step=40\n") })
+        let sourceLog = LogReader(source.bundle("copier").consoleLogPath)
+        let (receiver, address, token) = try Self.receive(destination, listen: "unix:" + destination.directory.file("in.sock"))
+        let moved = try source.run(["vm", "move", "copier", "--to", address, "--token", token, "--storage", "copy", "--json"])
+        #expect(moved.status == 0, "\(moved.stdout)\(moved.stderr)\n\(receiver.errors)")
+        #expect(receiver.wait(timeoutSeconds: 30) == 0, "\(receiver.output)\(receiver.errors)")
+        let report = try JSONValue.parse(moved.stdout)
+        #expect((report["disk_bytes_sent"]?.int64Value ?? 0) > 0, "\(moved.stdout)")
+        // Every disk file the VM uses now lies in the destination's bundle.
+        let info = try JSONValue.parse(try destination.run(["vm", "info", "copier", "--json"]).stdout)
+        let active = info["disks"]?[0]?["active_path"]?.stringValue ?? ""
+        #expect(active.hasPrefix(destination.home + "/"), "\(info.rendered())")
+        #expect(try destination.waitFor(timeoutSeconds: 60) { try destination.state("copier") == "off" })
+        let combined = sourceLog.text + destination.consoleLog("copier")
+        #expect(SnapshotProcessTests.steps(combined) == Array(1...steps), "\(combined.suffix(2000))")
+        #expect(destination.consoleLog("copier").contains("disk_ok=\(steps)"), "the sectors written before the move read back: \(destination.consoleLog("copier").suffix(800))")
+        #expect(SnapshotProcessTests.result(destination.consoleLog("copier")) == expected)
+        if kind == "raw" {
+            #expect(try Self.fileBytesAtPath(active) == Self.fileBytesAtPath(referenceDisk), "the moved raw disk equals the uninterrupted run's")
+            #expect(try Self.fileBytesAtPath(disk) != baseBefore, "the source's disk got the writes before the switch-over")
+        } else {
+            #expect(try Self.fileBytesAtPath(disk) == baseBefore, "the base outside the VM was only read")
+            let chain = try Subprocess.run(TestHost.hvrunPath!, ["disk", "info", active])
+            #expect(chain.stdout.contains(destination.home + "/vms/copier/disks/base.vhdx"), "the copy's parent is the copied base: \(chain.stdout)")
+            #expect(!chain.stdout.contains(disk), "\(chain.stdout)")
+            if TestHost.hasTool("qemu-img") {
+                let compare = try Subprocess.run("/usr/bin/env", ["qemu-img", "compare", "-f", "vhdx", "-F", "vhdx", referenceDisk, active])
+                #expect(compare.status == 0, "\(compare.stdout)\(compare.stderr)")
+            } else {
+                print("skipped the qemu-img compare: qemu-img is not installed")
+            }
+        }
+        print("moved with storage copy (\(kind)): \(moved.stdout)")
+    }
+
+    @Test("storage only: a running guest's disk files move into another directory while it writes them; the chain is re-pointed, old bundle files go, a file outside stays; the guest reads back every sector and ends as an uninterrupted run",
+          .timeLimit(.minutes(3)), arguments: ["raw", "vhdx-chain"])
+    func storageOnly(_ kind: String) throws {
+        let store = try Store()
+        let disks = try TemporaryDirectory(), moved = try TemporaryDirectory()
+        let steps = 300
+        let format = kind == "raw" ? "raw" : "vhdx"
+        let line = "steps=\(steps) ticks=1 dirty=16 dirtymb=16 blk=1"
+        let referenceDisk = try #require(try SnapshotProcessTests.makeDisk(format, in: disks, name: "reference"))
+        let reference = try TestHost.hvrun(["run", "--kernel", try GuestImages.path("stateful.elf"), "--memory", "256M", "--disk", referenceDisk,
+                                            "--cmdline", line, "--timeout", "60"], timeoutSeconds: 90)
+        #expect(reference.status == 0x41, "\(reference.stdout)\(reference.stderr)")
+        let expected = try #require(SnapshotProcessTests.result(reference.stdout))
+        let disk = try #require(try SnapshotProcessTests.makeDisk(format, in: disks, name: "base"))
+        #expect(try store.run(["vm", "create", "mover", "--kernel", try GuestImages.path("stateful.elf"), "--memory", "256M",
+                               "--disk", disk, "--cmdline", line]).status == 0)
+        var oldActive = disk
+        if kind == "vhdx-chain" {
+            #expect(try store.run(["vm", "checkpoint", "create", "mover", "before"]).status == 0)
+            oldActive = try JSONValue.parse(try store.run(["vm", "info", "mover", "--json"]).stdout)["disks"]?[0]?["active_path"]?.stringValue ?? ""
+            #expect(oldActive.hasPrefix(store.home + "/"), "the checkpoint's child is in the bundle: \(oldActive)")
+        }
+        let baseBefore = try Self.fileBytesAtPath(disk)
+        #expect(try store.run(["vm", "start", "mover"]).status == 0)
+        #expect(store.waitFor { store.consoleLog("mover").contains("step=40\n") })
+
+        // A file in the way: refused, nothing changes.
+        let clash = moved.file("base.\(format)")
+        try StoreFiles.writeAtomically(clash, [1, 2, 3])
+        let refused = try store.run(["vm", "move", "mover", "--storage-only", moved.path])
+        #expect(refused.status == 2 && refused.stderr.contains(clash), "\(refused.stderr)")
+        #expect(try Self.fileBytesAtPath(clash) == [1, 2, 3])
+        unlink(clash)
+
+        let result = try store.run(["vm", "move", "mover", "--storage-only", moved.path, "--json"])
+        #expect(result.status == 0, "\(result.stdout)\(result.stderr)")
+        let report = try JSONValue.parse(result.stdout)
+        #expect((report["bytes_copied"]?.int64Value ?? 0) > 0 && report["stall_ms"]?.doubleValue != nil, "\(result.stdout)")
+        #expect(try store.state("mover") == "running")
+        let info = try JSONValue.parse(try store.run(["vm", "info", "mover", "--json"]).stdout)
+        let active = info["disks"]?[0]?["active_path"]?.stringValue ?? ""
+        #expect(active.hasPrefix(moved.path + "/"), "\(info.rendered())")
+        #expect(try store.waitFor(timeoutSeconds: 60) { try store.state("mover") == "off" })
+        let log = store.consoleLog("mover")
+        let everyStepOnce = SnapshotProcessTests.steps(log) == Array(1...steps)
+        #expect(everyStepOnce, "\(log.suffix(1500))")
+        #expect(log.contains("disk_ok=\(steps)"), "\(log.suffix(800))")
+        #expect(SnapshotProcessTests.result(log) == expected)
+        // Outside the VM's directory, the old file stays (reported); inside, it is gone.
+        #expect(StoreFiles.exists(disk))
+        #expect(report["left_in_place"]?.rendered().contains(disk) == true, "\(result.stdout)")
+        if kind == "raw" {
+            #expect(try Self.fileBytesAtPath(active) == Self.fileBytesAtPath(referenceDisk), "the moved raw disk equals the uninterrupted run's")
+        } else {
+            #expect(try Self.fileBytesAtPath(disk) == baseBefore, "the frozen base was only read")
+            #expect(!StoreFiles.exists(oldActive), "the bundle's old differencing disk is deleted")
+            let chain = try Subprocess.run(TestHost.hvrunPath!, ["disk", "info", active])
+            #expect(chain.stdout.contains(moved.path + "/base.vhdx") && !chain.stdout.contains(disk), "the moved child's parent is the moved base: \(chain.stdout)")
+            if TestHost.hasTool("qemu-img") {
+                let compare = try Subprocess.run("/usr/bin/env", ["qemu-img", "compare", "-f", "vhdx", "-F", "vhdx", referenceDisk, active])
+                #expect(compare.status == 0, "\(compare.stdout)\(compare.stderr)")
+            } else {
+                print("skipped the qemu-img compare: qemu-img is not installed")
+            }
+        }
+        print("storage-only move (\(kind)): \(result.stdout)")
+    }
+
     @Test("a wrong token is refused: the VM runs on at the source, nothing is left at the destination", .timeLimit(.minutes(2)))
     func wrongToken() throws {
         let source = try Store(), destination = try Store()
@@ -283,6 +410,68 @@ struct MigrationProcessTests {
         #expect(destination.waitFor(timeoutSeconds: 10) { SnapshotProcessTests.steps(destination.consoleLog("hardy")).count > after.count + 5 })
         #expect(!destination.consoleLog("hardy").contains("error="))
         #expect(try destination.run(["vm", "stop", "hardy"]).status == 0)
+    }
+
+    @Test("storage copy broken at several points (closed, a byte flipped, the receiver killed mid-copy): the VM runs on at the source on its own disk chain, the destination keeps nothing; then it moves and reads back every sector",
+          .timeLimit(.minutes(3)))
+    func copyFaults() throws {
+        let source = try Store(), destination = try Store()
+        let disks = try TemporaryDirectory()
+        let disk = try #require(try SnapshotProcessTests.makeDisk("vhdx", in: disks, name: "base"))
+        let steps = 1000
+        #expect(try source.run(["vm", "create", "sturdy", "--kernel", try GuestImages.path("stateful.elf"), "--memory", "256M", "--disk", disk,
+                                "--cmdline", "steps=\(steps) ticks=1 dirty=64 dirtymb=16 blk=1"]).status == 0)
+        #expect(try source.run(["vm", "checkpoint", "create", "sturdy", "before"]).status == 0)
+        #expect(try source.run(["vm", "start", "sturdy"]).status == 0)
+        #expect(source.waitFor { source.consoleLog("sturdy").contains("step=5\n") })
+        // Between attempts the guest is paused, so that it still has steps left for the last move.
+        #expect(try source.run(["vm", "pause", "sturdy"]).status == 0)
+        let faults: [FaultProxy.Fault] = [.close(at: 3 << 20), .flip(at: 2 << 20), .hold(at: 12 << 20), .hold(at: 1 << 20)]
+        for (index, fault) in faults.enumerated() {
+            #expect(try source.run(["vm", "resume", "sturdy"]).status == 0)
+            let inbound = destination.directory.file("in\(index).sock")
+            let (receiver, _, token) = try Self.receive(destination, listen: "unix:" + inbound)
+            let proxy = try FaultProxy(path: destination.directory.file("proxy\(index).sock"), target: inbound, fault: fault)
+            let mover = try source.spawn(["vm", "move", "sturdy", "--to", "unix:" + proxy.path, "--token", token, "--storage", "copy"])
+            var killedReceive = false
+            if case .hold = fault {
+                #expect(proxy.waitUntilHolding(timeoutSeconds: 30), "\(fault): the stream never reached the point")
+                // The VM process once it exists (memory is coming), else vm receive (files are).
+                let vmProcess = destination.bundle("sturdy").processID
+                killedReceive = vmProcess == nil
+                kill(vmProcess ?? receiver.pid, SIGKILL)
+                usleep(100_000)
+                proxy.release()
+            }
+            #expect(mover.wait(timeoutSeconds: 90) == 1, "\(fault): \(mover.output)\(mover.errors)")
+            #expect(receiver.wait(timeoutSeconds: 60) != 0, "\(fault): vm receive \(receiver.output)\(receiver.errors)")
+            #expect(try source.state("sturdy") == "running", "\(fault)")
+            if killedReceive {
+                // SIGKILL: vm receive cleans nothing. What it reserved is not a VM of the store,
+                // and the next receive removes it.
+                #expect(try destination.run(["vm", "list", "--json"]).stdout.trimmingCharacters(in: .whitespacesAndNewlines) == "[]")
+            } else {
+                Self.expectNothingReceived(destination, "\(fault)")
+            }
+            let before = SnapshotProcessTests.steps(source.consoleLog("sturdy")).last ?? 0
+            #expect(source.waitFor(timeoutSeconds: 10) { (SnapshotProcessTests.steps(source.consoleLog("sturdy")).last ?? 0) > before },
+                    "\(fault): the guest goes on at the source")
+            #expect(try source.run(["vm", "pause", "sturdy"]).status == 0)
+        }
+        #expect(try source.run(["vm", "resume", "sturdy"]).status == 0)
+        let sourceLog = LogReader(source.bundle("sturdy").consoleLogPath)
+        let (receiver, address, token) = try Self.receive(destination, listen: "unix:" + destination.directory.file("last.sock"))
+        let moved = try source.run(["vm", "move", "sturdy", "--to", address, "--token", token, "--storage", "copy"])
+        #expect(moved.status == 0, "\(moved.stdout)\(moved.stderr)")
+        #expect(receiver.wait(timeoutSeconds: 30) == 0)
+        #expect(try destination.waitFor(timeoutSeconds: 90) { try destination.state("sturdy") == "off" },
+                "\(destination.consoleLog("sturdy").suffix(200))")
+        let combined = sourceLog.text + destination.consoleLog("sturdy")
+        let everyStepOnce = SnapshotProcessTests.steps(combined) == Array(1...steps)
+        #expect(everyStepOnce, "\(combined.suffix(1500))")
+        #expect(destination.consoleLog("sturdy").contains("disk_ok=\(steps)"), "\(destination.consoleLog("sturdy").suffix(800))")
+        #expect(!combined.contains("error="), "\(combined.suffix(800))")
+        #expect(StoreFiles.list(destination.home + "/vms") == ["sturdy"], "nothing else is left: \(StoreFiles.list(destination.home + "/vms"))")
     }
 
     @Test("dirtying faster than the link carries: auto-converge throttles the vCPUs and the move completes; without it --timeout aborts and the VM runs on",

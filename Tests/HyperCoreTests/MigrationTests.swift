@@ -1,5 +1,6 @@
 import Foundation
 import Testing
+import Synchronization
 @testable import HyperCore
 #if canImport(Glibc)
 import Glibc
@@ -78,6 +79,66 @@ struct MigrationProtocolTests {
         #expect { _ = try b.receive() } throws: { error in
             "\(error)".contains("at most")
         }
+    }
+
+    @Test("storage copy: a file written, punched, shrunk and grown while it is mirrored ends byte for byte equal, with its holes and its time")
+    func diskMirror() throws {
+        let directory = try TemporaryDirectory()
+        let sourcePath = directory.file("source.img"), targetPath = directory.file("target.img")
+        let file = try DiskFile(creating: sourcePath)
+        @Sendable func random(_ count: Int) -> [UInt8] { (0..<count).map { _ in UInt8.random(in: 0...255) } }
+        try file.write(random(2 << 20), at: 0)
+        try file.write(random(1 << 20), at: 6 << 20)   // a 4 MiB hole between
+        let (a, b, done) = Self.pair()
+        defer { done() }
+        let mirror = try DiskMirror(index: 0, file: file)
+        mirror.changes.start()
+        let target = try DiskMirrorTarget(paths: [targetPath])
+        let received = DispatchSemaphore(value: 0)
+        let failure = Mutex<String?>(nil)
+        startDetachedThread {
+            do {
+                while true {
+                    let (type, payload) = try b.receive()
+                    if type == .disk { try target.apply(payload, b); continue }
+                    guard type == .complete else { throw MigrationError.protocolViolation("\(type)") }
+                    try target.finish(try JSONValue.parse(payload)["disks"])
+                    break
+                }
+            } catch { failure.withLock { $0 = "\(error)" } }
+            received.signal()
+        }
+        // A writer as a guest would be: scattered writes, a discard, a shrink, growth past the end.
+        let writing = DispatchSemaphore(value: 0)
+        startDetachedThread {
+            for round in 0..<300 {
+                let offset = UInt64.random(in: 0..<(10 << 20) / 4096) * 4096
+                try? file.write(random(4096), at: offset)
+                if round == 100 { try? file.punchHole(at: 1 << 20, length: 512 << 10) }
+                if round == 150 { try? file.truncate(to: 7 << 20) }
+                if round == 200 { try? file.write(random(8192), at: 12 << 20) }
+            }
+            writing.signal()
+        }
+        let buffer = UnsafeMutableRawPointer.allocate(byteCount: DiskMirror.pieceSize, alignment: 4096)
+        defer { buffer.deallocate() }
+        _ = try mirror.sendAll(a, buffer)
+        for _ in 0..<3 { _ = try mirror.sendChanged(a, buffer) }
+        writing.wait()
+        _ = try mirror.sendChanged(a, buffer)   // the writer stopped: the last of it
+        try a.send(.complete, json: .object([("disks", .array([mirror.finalDescription()]))]))
+        received.wait()
+        mirror.changes.stop()
+        #expect(failure.withLock { $0 } == nil, "\(failure.withLock { $0 } ?? "")")
+        let sourceBytes = try StoreFiles.read(sourcePath), targetBytes = try StoreFiles.read(targetPath)
+        #expect(sourceBytes.count == targetBytes.count)
+        #expect(sourceBytes == targetBytes, "the copy differs from the file")
+        var sourceInfo = stat(), targetInfo = stat()
+        stat(sourcePath, &sourceInfo)
+        stat(targetPath, &targetInfo)
+        #expect(sourceInfo.st_mtim.tv_sec == targetInfo.st_mtim.tv_sec && sourceInfo.st_mtim.tv_nsec == targetInfo.st_mtim.tv_nsec)
+        // Holes stay holes: the copy allocates what the file has (to the page), not its 12 MiB.
+        #expect(targetInfo.st_blocks <= sourceInfo.st_blocks + 256, "\(targetInfo.st_blocks * 512) bytes allocated for \(sourceInfo.st_blocks * 512)")
     }
 
     @Test("a peer of another protocol version is refused, naming both versions")

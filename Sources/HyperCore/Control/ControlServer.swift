@@ -37,6 +37,15 @@ public final class ControlServer: @unchecked Sendable {
     /// returns the reply's members, or throws ``ControlError/failed(_:)`` with the error to send.
     /// The VM store's process adds the checkpoint verbs this way, which need its `vm.json`.
     public var commands: [String: @Sendable (JSONValue) throws -> [(String, JSONValue)]] = [:]
+    /// Asked before a `migrate` starts: a reason to refuse it, when the owner is changing the
+    /// machine's disks (hvrun: a checkpoint merge or a storage move in progress).
+    public var migrationBlocker: (@Sendable () -> String?)?
+    /// The client whose request is being handled (server thread only).
+    private var requestingClient: Int32 = -1
+
+    /// For a verb in ``commands`` that starts a long operation: events to the client that asked
+    /// (call it while handling the request, on the server's thread).
+    public func eventsForCurrentRequest() -> ControlEvents { ControlEvents(duplicating: requestingClient) }
     static let maximumLine = 64 << 10
     static let maximumClients = 16
 
@@ -211,7 +220,12 @@ public final class ControlServer: @unchecked Sendable {
     }
 
     /// One request → one reply, and what to do once the reply is sent (end the run).
+    /// What a client may ask while an outgoing migration runs.
+    static let allowedDuringMigration: Set<String> = ["info", "migrate", "query-migrate", "migrate-cancel", "stop", "powerdown", "vm-merging"]
+
     func handle(_ line: [UInt8], clientFD: Int32 = -1) -> (JSONValue, (() -> Void)?) {
+        requestingClient = clientFD
+        defer { requestingClient = -1 }
         let request: JSONValue
         do throws(JSONParseError) { request = try JSONValue.parse(line) } catch {
             return (Self.error("GenericError", "\(error)", id: nil), nil)
@@ -223,6 +237,11 @@ public final class ControlServer: @unchecked Sendable {
         let arguments = request["arguments"] ?? .object([])
         guard case .object = arguments else { return (Self.error("GenericError", "\"arguments\" must be an object", id: id), nil) }
         do throws(ControlError) {
+            // During an outgoing migration the machine's disks and run state belong to it: a
+            // checkpoint would switch the files being copied, a pause or save would race its own.
+            if outgoing.isActive, !Self.allowedDuringMigration.contains(verb) {
+                throw .refused("a live migration is running; \(verb) waits until it ends (or cancel it with migrate-cancel)")
+            }
             switch verb {
             case "info":
                 return (Self.success(info(), id: id), nil)

@@ -147,10 +147,9 @@ extension ControlServer {
         guard machine.runState == .running || machine.runState == .paused else {
             return (Self.error("GenericError", "the machine is \(machine.runState.rawValue); only a running or paused machine can move", id: id), nil)
         }
+        if let reason = migrationBlocker?() { return (Self.error("Refused", reason, id: id), nil) }
         guard outgoing.begin() else { return (Self.error("GenericError", "a migration is already running or done", id: id), nil) }
-        // The events go to the asking client on its own descriptor (the server may close its copy).
-        let events = clientFD >= 0 ? dup(clientFD) : -1
-        if events >= 0 { _ = fcntl(events, F_SETFD, FD_CLOEXEC) }
+        let events = ControlEvents(duplicating: clientFD)
         let machine = self.machine
         let outgoing = self.outgoing
         return (Self.success([("status", .string("active"))], id: id), {
@@ -159,16 +158,7 @@ extension ControlServer {
                 var blocked = sigset_t()
                 sigfillset(&blocked)
                 pthread_sigmask(SIG_BLOCK, &blocked, nil)
-                @Sendable func event(_ name: String, _ data: [(String, JSONValue)]) {
-                    guard events >= 0 else { return }
-                    let line = Array((JSONValue.object([("event", .string(name)), ("data", .object(data))]).rendered() + "\n").utf8)
-                    var done = 0
-                    while done < line.count {
-                        let sent = line.withUnsafeBytes { Glibc.send(events, $0.baseAddress! + done, $0.count - done, Int32(MSG_NOSIGNAL)) }
-                        if sent < 0 { if errno == EINTR { continue } else { return } }
-                        done += sent
-                    }
-                }
+                @Sendable func event(_ name: String, _ data: [(String, JSONValue)]) { events.send(name, data) }
                 let result: Result<MigrationReport, MigrationError>
                 do throws(MigrationError) {
                     let fd = try endpoint.connect()
@@ -193,7 +183,6 @@ extension ControlServer {
                     if case .switchOverUnknown = error { data.append(("switch_over_unknown", .bool(true))) }
                     event("MIGRATION", data)
                 }
-                if events >= 0 { Glibc.close(events) }
             }
         })
     }

@@ -10,6 +10,10 @@ public struct MigrationOffer: Sendable {
     public var metadata: JSONValue
     public var storage: MigrationOptions.Storage
     public var files: [(name: String, size: UInt64)]
+    /// Each file's modification time at the source (nanoseconds since the epoch), when given.
+    public var fileTimes: [Int64?]
+    /// Storage copy: the sizes of the writable disk files that are copied, in configuration order.
+    public var copiedDiskSizes: [UInt64]
     /// The offer as it came (what ``init(json:)`` reads back).
     public var json: JSONValue
 
@@ -28,15 +32,30 @@ public struct MigrationOffer: Sendable {
         }
         storage = mode
         var list: [(String, UInt64)] = []
+        var times: [Int64?] = []
         if case let .array(entries)? = offer["files"] {
             for entry in entries {
-                guard let name = entry["name"]?.stringValue, let size = entry["size"]?.int64Value, size >= 0, size <= 1 << 32 else {
+                guard let name = entry["name"]?.stringValue, let size = entry["size"]?.int64Value, size >= 0, size <= 1 << 42 else {
                     throw .protocolViolation("a file entry of the offer has no name or a bad size")
                 }
                 list.append((name, UInt64(size)))
+                times.append(entry["mtime_ns"]?.int64Value)
             }
         }
         files = list
+        fileTimes = times
+        var sizes: [UInt64] = []
+        if case let .array(entries)? = offer["disks"] {
+            for entry in entries {
+                guard let size = entry["size"]?.int64Value, size >= 0 else { throw .protocolViolation("a disk entry of the offer has no size") }
+                sizes.append(UInt64(size))
+            }
+        }
+        let writable = configuration.virtio.compactMap(\.disk).filter { !$0.readOnly }.count
+        guard mode == .shared ? sizes.isEmpty : sizes.count == writable else {
+            throw .protocolViolation("the offer copies \(sizes.count) disks with storage \(mode.rawValue); the machine has \(writable) writable disks")
+        }
+        copiedDiskSizes = sizes
         metadata = offer["metadata"] ?? .null
         json = offer
     }
@@ -48,8 +67,10 @@ public struct MigrationOffer: Sendable {
 ///
 /// 1. ``authenticate(token:)`` — preambles and the challenge-response; a wrong token ends it here.
 /// 2. ``receiveOffer()`` and ``receiveFiles(_:into:)``.
-/// 3. ``receiveMachine(_:options:)`` — builds RAM, says `ready`, takes the memory passes and the
-///    state, checks it all, and returns the machine, not yet started.
+/// 3. ``receiveMachine(_:options:)`` — builds RAM, says `ready`, takes the memory passes (with
+///    storage copy, the writable disks' files too, written to ``RestoreOptions/diskPaths``) and
+///    the state, checks it all, and returns the machine, not yet started. The caller removes
+///    the files it named if this throws.
 /// 4. ``switchOver(_:)`` — starts it paused, says `prepared`, waits for `go`, resumes, says `running`.
 ///
 /// Nothing received is trusted: every section is checksummed, every page address checked to be
@@ -58,6 +79,12 @@ public struct MigrationOffer: Sendable {
 public final class MigrationReceiver: @unchecked Sendable {
     public let stream: MigrationStream
     public private(set) var pagesReceived: UInt64 = 0
+    /// Storage copy: bytes of disk data received.
+    public private(set) var diskBytesReceived: UInt64 = 0
+    /// Storage copy: runs once every copied disk file is complete and durable, before the disks
+    /// are checked and opened (hvrun re-points a copied differencing disk at its copied parent
+    /// here).
+    public var disksCopied: (() throws(MigrationError) -> Void)?
 
     public init(stream: MigrationStream) { self.stream = stream }
 
@@ -117,12 +144,31 @@ public final class MigrationReceiver: @unchecked Sendable {
         // Without disks the machine (KVM VM, irqchip, devices) is built now, off the downtime;
         // disks are opened only once the source has flushed them (the state has arrived).
         let early: Machine? = saved.virtio.contains { $0.disk != nil } ? nil : try assemble(offer, disks: [], memory: memory, options: options)
+        var copies: DiskMirrorTarget?
+        if offer.storage == .copy {
+            let disks = saved.virtio.compactMap(\.disk)
+            var paths: [String] = []
+            for (index, disk) in disks.enumerated() where !disk.readOnly {
+                guard index < options.diskPaths.count, let path = options.diskPaths[index] else {
+                    throw .usage("storage copy needs a destination path for disk \(index) (\(disk.path)) in RestoreOptions.diskPaths")
+                }
+                paths.append(path)
+            }
+            copies = try DiskMirrorTarget(paths: paths)
+        }
         try stream.send(.ready, json: .object([]))
         while true {
             let (type, length, crc) = try stream.receiveHeader()
             switch type {
             case .memory:
                 try receivePages(length: length, crc: crc, into: memory)
+            case .disk:
+                guard let copies else { throw .protocolViolation("a disk section with shared storage") }
+                guard length <= 24 + MigrationStream.chunkSize else { throw .protocolViolation("a disk section of \(length) bytes") }
+                let payload = try stream.read(length)
+                guard MigrationStream.crc(payload) == crc else { throw .protocolViolation("disk section payload checksum mismatch") }
+                try copies.apply(payload, stream)
+                diskBytesReceived = copies.bytesReceived
             case .state:
                 let payload = try stream.read(length)
                 guard MigrationStream.crc(payload) == crc else { throw .protocolViolation("state section payload checksum mismatch") }
@@ -138,6 +184,10 @@ public final class MigrationReceiver: @unchecked Sendable {
                 let complete = try stream.receiveJSON(.complete)
                 guard complete["pages"]?.int64Value == Int64(pagesReceived) else {
                     throw .protocolViolation("the sender sent \(complete["pages"]?.rendered() ?? "?") pages, \(pagesReceived) arrived")
+                }
+                if let copies {
+                    try copies.finish(complete["disks"])
+                    try disksCopied?()
                 }
                 if let early {
                     try place(snapshot, into: early, memory: memory)

@@ -12,6 +12,10 @@ public struct MigrationOptions: Sendable {
     public var maxDowntimeMilliseconds: Double = 50
     /// Abort (the VM runs on here) if the switch-over has not started after this long.
     public var timeoutSeconds: Double?
+    /// `shared`: the destination opens the same disk files. `copy`: each writable disk file of
+    /// the machine is copied while the guest runs and ends up identical at the destination, at
+    /// the receiver's ``RestoreOptions/diskPaths``; any other file a disk needs (read-only disks,
+    /// the parents of a differencing disk) goes in ``files`` or must already be there.
     public var storage: Storage = .shared
     /// Slow the vCPUs when the dirty set does not shrink (see ``VCPUThrottle``).
     public var autoConverge = true
@@ -82,12 +86,16 @@ public struct MigrationReport: Sendable {
 ///    machine's configuration and the caller's metadata), the files; the receiver answers
 ///    `ready` once it has built RAM for the guest.
 /// 2. Pre-copy: dirty logging on; pass 1 sends every page the guest ever touched that is not
-///    zero; each later pass sends what the dirty log (and ``VMMWriteLog``) reports since the
-///    previous one, until sending it would fit in ``MigrationOptions/maxDowntimeMilliseconds``
-///    at the measured bandwidth. A dirty set that does not shrink raises the vCPU throttle
-///    (auto-converge: 20 %, then +10 % a pass, up to 99 %); the timeout aborts.
+///    zero (and with storage copy, first every data extent of each writable disk file: see
+///    ``DiskMirror``); each later pass sends what the dirty log (and ``VMMWriteLog``) reports
+///    since the previous one, and the disk chunks written meanwhile, until sending it would fit
+///    in ``MigrationOptions/maxDowntimeMilliseconds`` at the measured bandwidth. A dirty set
+///    that does not shrink raises the vCPU throttle (auto-converge: 20 %, then +10 % a pass, up
+///    to 99 %); the timeout aborts.
 /// 3. Switch-over: pause; the pages dirtied since the last pass; the complete machine state
-///    (``MachineSnapshot``, the save format); `complete`. The receiver checks everything,
+///    (``MachineSnapshot``, the save format); the disks closed (storage copy: what changed
+///    since the last pass, then each file's size and time with `complete`); `complete`. The
+///    receiver checks everything,
 ///    builds the machine paused and says `prepared`; the source sends `go`; the receiver resumes
 ///    the guest and says `running`.
 ///
@@ -105,6 +113,8 @@ public final class MigrationSender: @unchecked Sendable {
     private var currentProgress = MigrationProgress()
     private var started: UInt64 = 0
     private var staging: UnsafeMutableRawPointer
+    /// Storage copy: the writable disks being copied (empty with shared storage).
+    private var mirrors: [DiskMirror] = []
     /// Called after each pass and phase change (on the migrating thread).
     public var onProgress: (@Sendable (MigrationProgress) -> Void)?
 
@@ -148,6 +158,7 @@ public final class MigrationSender: @unchecked Sendable {
             guard machine.runState == .running || machine.runState == .paused else {
                 throw .machine("the machine is \(machine.runState.rawValue); only a running or paused machine can move")
             }
+            defer { mirrors.forEach { $0.changes.stop() } }
             try handshake()
             do throws(KVMError) { try machine.setDirtyLogging(true) } catch {
                 throw .machine("cannot turn on dirty-page logging: \(error)")
@@ -180,14 +191,20 @@ public final class MigrationSender: @unchecked Sendable {
                 throw .machine("capturing the machine state: \(error)")
             }
             handedOver = try handOverDisks(&snapshot)
+            if !mirrors.isEmpty {
+                // The disks are closed: what their close wrote is the last of it.
+                for mirror in mirrors { report.diskBytesSent += try mirror.sendChanged(stream, staging) }
+            }
+            phase("disks")
             let state: [UInt8]
             do throws(StateCodingError) { state = Array(try StateCoder.encode(snapshot).rendered().utf8) } catch {
                 throw .machine("encoding the machine state: \(error)")
             }
             phase("capture")
             try stream.send(.state, state)
-            try stream.send(.complete, json: .object([("pages", .number(Int64(report.pagesSent))),
-                                                      ("passes", .number(Int64(report.passes)))]))
+            var complete: [(String, JSONValue)] = [("pages", .number(Int64(report.pagesSent))), ("passes", .number(Int64(report.passes)))]
+            if options.storage == .copy { complete.append(("disks", .array(mirrors.map { $0.finalDescription() }))) }
+            try stream.send(.complete, json: .object(complete))
             phase("send_state")
             _ = try stream.receiveJSON(.prepared)
             phase("prepared")
@@ -223,8 +240,9 @@ public final class MigrationSender: @unchecked Sendable {
         }
     }
 
-    /// Shared storage: the source closes its writable disks (VHDX: log applied, headers clean) so
-    /// that the destination opens them as a clean file, and records their identity after the close.
+    /// The source closes its writable disks (VHDX: log applied, headers clean) so that the
+    /// destination opens them as a clean file — the same file with shared storage, the copy made
+    /// of it with storage copy — and records their identity after the close.
     private func handOverDisks(_ snapshot: inout MachineSnapshot) throws(MigrationError) -> [(index: Int, path: String)] {
         var closed: [(index: Int, path: String)] = []
         var diskIndex = 0
@@ -295,10 +313,17 @@ public final class MigrationSender: @unchecked Sendable {
             var info = stat()
             guard stat(file.path, &info) == 0 else { throw .io(operation: "stat \(file.path)", errno: errno) }
             sizes.append(UInt64(info.st_size))
-            files.append(.object([("name", .string(file.name)), ("size", .number(Int64(info.st_size)))]))
+            let mtime = Int64(info.st_mtim.tv_sec) * 1_000_000_000 + Int64(info.st_mtim.tv_nsec)
+            files.append(.object([("name", .string(file.name)), ("size", .number(Int64(info.st_size))), ("mtime_ns", .number(mtime))]))
         }
-        try stream.send(.offer, json: .object([("configuration", configuration), ("metadata", options.metadata),
-                                               ("storage", .string(options.storage.rawValue)), ("files", .array(files))]))
+        var offer: [(String, JSONValue)] = [("configuration", configuration), ("metadata", options.metadata),
+                                            ("storage", .string(options.storage.rawValue)), ("files", .array(files))]
+        if options.storage == .copy {
+            // Tracking starts before anything is read, so no write is missed.
+            mirrors = try DiskMirror.start(machine)
+            offer.append(("disks", .array(mirrors.map { .object([("size", .number(Int64($0.fileSize)))]) })))
+        }
+        try stream.send(.offer, json: .object(offer))
         for (index, file) in options.files.enumerated() {
             try sendFile(index: index, path: file.path, size: sizes[index])
         }
@@ -344,6 +369,7 @@ public final class MigrationSender: @unchecked Sendable {
         var bandwidth: Double = 1e9   // bytes/s, until measured
         var passStart = monotonicNanoseconds()
         let firstBytes = stream.bytesSent
+        for mirror in mirrors { report.diskBytesSent += try mirror.sendAll(stream, staging) }
         try sendPages(touchedPages(), skipZero: true, &report)
         report.passes = 1
         bandwidth = measure(bytes: stream.bytesSent - firstBytes, since: passStart, previous: bandwidth)
@@ -353,12 +379,14 @@ public final class MigrationSender: @unchecked Sendable {
         while true {
             try checkDeadline()
             let dirty = try dirtyPages()
-            let estimate = Double(dirty.count * MigrationStream.pageSize) / bandwidth * 1000
+            let diskBytes = mirrors.reduce(UInt64(0)) { $0 + $1.pendingBytes }
+            let estimate = (Double(dirty.count * MigrationStream.pageSize) + Double(diskBytes)) / bandwidth * 1000
             update { $0.dirtyPages = dirty.count }
             if estimate <= options.maxDowntimeMilliseconds {
                 // Sending this set while the guest runs takes about the budget; what it dirties
                 // meanwhile is what the pause must carry.
                 try sendPages(dirty, skipZero: false, &report)
+                for mirror in mirrors { report.diskBytesSent += try mirror.sendChanged(stream, staging) }
                 report.passes += 1
                 return
             }
@@ -371,6 +399,7 @@ public final class MigrationSender: @unchecked Sendable {
             passStart = monotonicNanoseconds()
             let before = stream.bytesSent
             try sendPages(dirty, skipZero: false, &report)
+            for mirror in mirrors { report.diskBytesSent += try mirror.sendChanged(stream, staging) }
             report.passes += 1
             bandwidth = measure(bytes: stream.bytesSent - before, since: passStart, previous: bandwidth)
             report.bandwidthBytesPerSecond = bandwidth

@@ -23,7 +23,7 @@ public enum MigrationSection: UInt32, Sendable, CustomStringConvertible {
     var maximumLength: UInt64 {
         switch self {
         case .memory: UInt64(8 + MigrationStream.pagesPerSection * (8 + 4096))
-        case .file, .disk: UInt64(16 + MigrationStream.chunkSize)
+        case .file, .disk: UInt64(24 + MigrationStream.chunkSize)
         case .state: 64 << 20
         default: 1 << 20
         }
@@ -51,7 +51,7 @@ public enum MigrationSection: UInt32, Sendable, CustomStringConvertible {
 }
 
 public final class MigrationStream: @unchecked Sendable {
-    public static let version: UInt32 = 1
+    public static let version: UInt32 = 2
     static let magic = Array("HYPCMIGR".utf8)
     static let headerSize = 24
     static let pagesPerSection = 256

@@ -13,6 +13,8 @@ public final class DiskFile: Sendable {
     public let isReadOnly: Bool
     /// Sees every write, truncate and sync (the power-loss tests rebuild crash states from it).
     let recorder: IORecorder?
+    /// The parts written while a copier tracks them (storage copy during live migration).
+    public let changes = FileChanges()
 
     /// Opens an existing file.
     public init(path: String, readOnly: Bool) throws(VHDXError) {
@@ -111,6 +113,7 @@ public final class DiskFile: Sendable {
             }
             done += n
         }
+        changes.note(offset: offset, length: UInt64(buffer.count))
     }
 
     public func write(_ bytes: [UInt8], at offset: UInt64) throws(VHDXError) {
@@ -138,10 +141,13 @@ public final class DiskFile: Sendable {
     public func truncate(to size: UInt64) throws(VHDXError) {
         guard !isReadOnly else { throw .readOnly(path: path) }
         recorder?.record(.truncate(size: size))
+        let before = (try? self.size()) ?? size
         while ftruncate(fd, off_t(size)) != 0 {
             if errno == EINTR { continue }
             throw .io(path: path, operation: "ftruncate", offset: size, errno: errno)
         }
+        // A copy must not keep what a shrink cut off (the file may grow back over it as zeros).
+        if before > size { changes.note(offset: size, length: before - size) }
     }
 
     /// Reserves real disk space for `offset..<offset+length` (falls back to growing the file when the
@@ -177,7 +183,10 @@ extension DiskFile {
             // Recorded as a plain zero write, so crash states can drop it like any other write.
             recorder.record(.write(offset: offset, bytes: [UInt8](repeating: 0, count: Int(length))))
         }
-        if cstorage_punch_hole(fd, Int64(offset), Int64(length)) == 0 { return }
+        if cstorage_punch_hole(fd, Int64(offset), Int64(length)) == 0 {
+            changes.note(offset: offset, length: length)
+            return
+        }
         let e = errno
         guard e == EOPNOTSUPP || e == ENOSYS else { throw .io(path: path, operation: "fallocate(PUNCH_HOLE)", offset: offset, errno: e) }
         try writeZeros(at: offset, length: length)
@@ -225,7 +234,11 @@ extension DiskFile {
         var done: UInt64 = 0
         while done < length {
             let n = cstorage_copy_range(source.fd, Int64(sourceOffset + done), fd, Int64(offset + done), Int64(length - done))
-            if n > 0 { done += UInt64(n); continue }
+            if n > 0 {
+                changes.note(offset: offset + done, length: UInt64(n))
+                done += UInt64(n)
+                continue
+            }
             if n < 0 && errno == EINTR { continue }
             if n < 0 && errno != EXDEV && errno != ENOSYS && errno != EOPNOTSUPP && errno != EINVAL {
                 throw .io(path: path, operation: "copy_file_range", offset: offset + done, errno: errno)

@@ -59,41 +59,17 @@ extension VMStore {
         try? StoreFiles.removeTree(staging)
         guard mkdir(staging, 0o755) == 0 else { throw .system(operation: "mkdir", path: staging, errno: errno) }
         do throws(StoreError) {
-            let graph = try DiskGraph(bundle: source, configuration: configuration)
-            // Where each disk file goes in the export: bundle files keep their names, others go
-            // to disks/ under their own name (made unique).
-            var placed: [String: String] = [:]
-            var taken: Set<String> = []
-            for file in graph.files.sorted() {
-                var relative: String
-                if file.hasPrefix(source.path + "/") {
-                    relative = String(file.dropFirst(source.path.count + 1))
-                } else {
-                    let base = file.split(separator: "/").last.map(String.init) ?? "disk"
-                    relative = "disks/" + base
-                    var counter = 2
-                    while taken.contains(relative) { relative = "disks/\(counter)-" + base; counter += 1 }
-                }
-                taken.insert(relative)
-                placed[file] = relative
+            let plan = try VMRelocation(bundle: source, configuration: configuration)
+            for (file, relative) in plan.placed.sorted(by: { $0.value < $1.value }) {
                 try StoreFiles.makeDirectories(staging + "/" + relative.split(separator: "/").dropLast().joined(separator: "/"))
                 try StoreFiles.copy(file, to: staging + "/" + relative)
             }
-            for (child, parent) in graph.parentOf {
-                guard let childCopy = placed[child], let parentCopy = placed[parent] else { continue }
-                do throws(VHDXError) { try VHDXImage.reparent(childPath: staging + "/" + childCopy, to: staging + "/" + parentCopy) } catch {
-                    throw .failed("re-pointing the exported \(childCopy) at \(parentCopy): \(error)")
+            for (child, parent) in plan.reparent {
+                do throws(VHDXError) { try VHDXImage.reparent(childPath: staging + "/" + child, to: staging + "/" + parent) } catch {
+                    throw .failed("re-pointing the exported \(child) at \(parent): \(error)")
                 }
             }
-            func mapped(_ path: String) -> String { placed[StoreFiles.canonical(source.file(path))] ?? path }
-            var exported = configuration
-            for index in exported.disks.indices {
-                exported.disks[index].path = mapped(exported.disks[index].path)
-                exported.disks[index].active = exported.disks[index].active.map(mapped)
-            }
-            for index in exported.checkpoints.indices {
-                exported.checkpoints[index].disks = exported.checkpoints[index].disks.map(mapped)
-            }
+            var exported = plan.configuration
             try StoreFiles.copy(source.file(configuration.boot.kernel), to: staging + "/" + configuration.boot.kernel)
             if let initrd = configuration.boot.initrd { try StoreFiles.copy(source.file(initrd), to: staging + "/" + initrd) }
             let memories = exported.checkpoints.filter(\.hasMemory)
@@ -244,5 +220,62 @@ extension VMStore {
             warnings.append("a copy has new MAC addresses, which the guest in saved memory would not know: \(hadSaved ? "the saved state and " : "")the memory of \(memories) checkpoint\(memories == 1 ? "" : "s") were dropped; the VM and its checkpoints come back without memory (their disks are kept)")
         }
         return warnings
+    }
+}
+
+/// Where a VM's disk files go when they move: every file of every disk chain, the checkpoints'
+/// included. To a new bundle (export, live migration with storage copy): files in the bundle
+/// keep their relative names, others go to `disks/` under their own name (made unique). Into a
+/// directory (storage move): every file goes there under its own name (made unique), by
+/// absolute path.
+public struct VMRelocation: Sendable {
+    /// Canonical source path → its new path (relative to the new bundle, or absolute).
+    public var placed: [String: String] = [:]
+    /// Differencing disks to re-point once copied, by new path: (child, parent).
+    public var reparent: [(child: String, parent: String)] = []
+    /// The configuration with every disk path as it will be.
+    public var configuration: VMConfiguration
+
+    public init(bundle: VMBundle, configuration: VMConfiguration, into directory: String? = nil) throws(StoreError) {
+        let graph = try DiskGraph(bundle: bundle, configuration: configuration)
+        var taken: Set<String> = []
+        for file in graph.files.sorted() {
+            var relative: String
+            if directory == nil, file.hasPrefix(bundle.path + "/") {
+                relative = String(file.dropFirst(bundle.path.count + 1))
+            } else {
+                let base = file.split(separator: "/").last.map(String.init) ?? "disk"
+                let folder = directory.map { $0 + "/" } ?? "disks/"
+                relative = folder + base
+                var counter = 2
+                while taken.contains(relative) { relative = folder + "\(counter)-" + base; counter += 1 }
+            }
+            taken.insert(relative)
+            placed[file] = relative
+        }
+        // Parents first: re-pointing a child opens its parent's chain, which must already resolve
+        // among the copies.
+        var left = graph.parentOf.sorted(by: { $0.key < $1.key })
+        while !left.isEmpty {
+            let children = Set(left.map(\.key))
+            let ready = left.filter { !children.contains($0.value) }
+            left.removeAll { !children.contains($0.value) }
+            for (child, parent) in ready {
+                guard let childCopy = placed[child], let parentCopy = placed[parent] else { continue }
+                reparent.append((childCopy, parentCopy))
+            }
+            if ready.isEmpty { break }   // a loop: DiskGraph would not have opened it
+        }
+        let placed = self.placed
+        func mapped(_ path: String) -> String { placed[StoreFiles.canonical(bundle.file(path))] ?? path }
+        var moved = configuration
+        for index in moved.disks.indices {
+            moved.disks[index].path = mapped(moved.disks[index].path)
+            moved.disks[index].active = moved.disks[index].active.map(mapped)
+        }
+        for index in moved.checkpoints.indices {
+            moved.checkpoints[index].disks = moved.checkpoints[index].disks.map(mapped)
+        }
+        self.configuration = moved
     }
 }

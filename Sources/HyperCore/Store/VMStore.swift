@@ -141,9 +141,10 @@ public struct VMStore: Sendable {
     public func withStoreLock<T>(_ body: () throws(StoreError) -> T) throws(StoreError) -> T {
         try StoreFiles.makeDirectories(vmsPath)
         guard let lock = try FileLock.acquire(lockPath, wait: true) else { throw .failed("\(lockPath): cannot lock") }
-        // Creates and deletes hold this lock from start to end, so any staging directory seen
-        // now was left by one that crashed: finish removing it.
-        for name in StoreFiles.list(vmsPath) where name.hasPrefix(".") && (name.contains(".creating-") || name.contains(".deleting-")) {
+        // Creates, deletes and a receive's reservation hold this lock from start to end, so any
+        // staging directory seen now was left by one that crashed: finish removing it.
+        for name in StoreFiles.list(vmsPath) where name.hasPrefix(".")
+            && (name.contains(".creating-") || name.contains(".deleting-") || name.contains(".receiving-")) {
             try? StoreFiles.removeTree(vmsPath + "/" + name)
         }
         removeFailedIncoming()
