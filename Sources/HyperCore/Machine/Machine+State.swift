@@ -346,8 +346,10 @@ extension Machine {
 
     /// The configuration that rebuilds a saved machine (no boot: its RAM holds the guest), its
     /// disks opened at `diskPaths` (already checked).
-    static func restoredConfiguration(_ saved: SnapshotConfiguration, diskPaths paths: [String], options: RestoreOptions,
-                                      source directory: String) throws(SnapshotError) -> MachineConfiguration {
+    /// `disks`: the block devices' backends when the caller opened them (a migration builds the
+    /// machine on placeholders and puts the real disks in later); else the files at `paths`.
+    static func restoredConfiguration(_ saved: SnapshotConfiguration, diskPaths paths: [String], disks: [any BlockBackend]? = nil,
+                                      options: RestoreOptions, source directory: String) throws(SnapshotError) -> MachineConfiguration {
         var configuration = MachineConfiguration(boot: .custom(name: saved.boot) { _ throws(BootError) in
             throw BootError.unsupported(file: saved.boot, detail: "a restored machine does not boot")
         })
@@ -368,8 +370,13 @@ extension Machine {
             case .block:
                 guard let disk = device.disk else { throw .corrupt(path: directory, detail: "a block device without its disk") }
                 let backend: any BlockBackend
-                do throws(VHDXError) { backend = try openDisk(path: paths[diskIndex], readOnly: disk.readOnly) } catch {
-                    throw .diskChanged(path: paths[diskIndex], detail: "cannot be opened (\(error))")
+                if let disks {
+                    guard diskIndex < disks.count else { throw .mismatch("\(directory) has more disks than were given") }
+                    backend = disks[diskIndex]
+                } else {
+                    do throws(VHDXError) { backend = try openDisk(path: paths[diskIndex], readOnly: disk.readOnly) } catch {
+                        throw .diskChanged(path: paths[diskIndex], detail: "cannot be opened (\(error))")
+                    }
                 }
                 diskIndex += 1
                 configuration.virtioDevices.append(.init(.block(backend, identifier: disk.identifier), transport: transport))

@@ -14,6 +14,9 @@ public struct MigrationOffer: Sendable {
     public var fileTimes: [Int64?]
     /// Storage copy: the sizes of the writable disk files that are copied, in configuration order.
     public var copiedDiskSizes: [UInt64]
+    /// What the guest sees of each disk (configuration order), so the machine can be built before
+    /// the disks may be opened; nil from a sender that does not say.
+    var diskGeometry: [PlaceholderDisk]?
     /// The offer as it came (what ``init(json:)`` reads back).
     public var json: JSONValue
 
@@ -56,6 +59,23 @@ public struct MigrationOffer: Sendable {
             throw .protocolViolation("the offer copies \(sizes.count) disks with storage \(mode.rawValue); the machine has \(writable) writable disks")
         }
         copiedDiskSizes = sizes
+        if case let .array(entries)? = offer["disk_geometry"] {
+            var disks: [PlaceholderDisk] = []
+            for entry in entries {
+                guard let size = entry["virtual_size"]?.int64Value, size > 0,
+                      let logical = entry["logical_sector"]?.int64Value, [512, 4096].contains(logical),
+                      let physical = entry["physical_sector"]?.int64Value, [512, 4096].contains(physical),
+                      case let .bool(readOnly)? = entry["read_only"] else {
+                    throw .protocolViolation("a disk geometry entry of the offer is malformed: \(entry.rendered())")
+                }
+                disks.append(PlaceholderDisk(virtualSize: UInt64(size), logicalSectorSize: UInt32(logical),
+                                             physicalSectorSize: UInt32(physical), isReadOnly: readOnly))
+            }
+            guard disks.count == configuration.virtio.compactMap(\.disk).count else {
+                throw .protocolViolation("the offer describes \(disks.count) disks; the machine has \(configuration.virtio.compactMap(\.disk).count)")
+            }
+            diskGeometry = disks
+        }
         metadata = offer["metadata"] ?? .null
         json = offer
     }
@@ -141,9 +161,16 @@ public final class MigrationReceiver: @unchecked Sendable {
         let saved = offer.configuration
         let memory: GuestMemory
         do throws(GuestMemoryError) { memory = try GuestMemory(size: saved.memorySize) } catch { throw .machine("\(error)") }
-        // Without disks the machine (KVM VM, irqchip, devices) is built now, off the downtime;
-        // disks are opened only once the source has flushed them (the state has arrived).
-        let early: Machine? = saved.virtio.contains { $0.disk != nil } ? nil : try assemble(offer, disks: [], memory: memory, options: options)
+        // The machine (KVM VM, irqchip, devices) is built now, off the downtime; its disks are
+        // placeholders until the source has closed them (the state has arrived), then the real
+        // files are checked and put in their place.
+        let hasDisks = saved.virtio.contains { $0.disk != nil }
+        var early: Machine?
+        if !hasDisks {
+            early = try assemble(offer, disks: [], memory: memory, options: options)
+        } else if let geometry = offer.diskGeometry {
+            early = try assemble(offer, placeholders: geometry, memory: memory, options: options)
+        }
         var copies: DiskMirrorTarget?
         if offer.storage == .copy {
             let disks = saved.virtio.compactMap(\.disk)
@@ -190,6 +217,15 @@ public final class MigrationReceiver: @unchecked Sendable {
                     try disksCopied?()
                 }
                 if let early {
+                    if hasDisks {
+                        let disks = try openCheckedDisks(snapshot, options: options)
+                        for (index, disk) in disks.enumerated() {
+                            do throws(MachineError) { try early.replaceDisk(index, with: disk) } catch {
+                                for disk in disks { if let image = disk as? VHDXImage { image.abandon() } else { try? disk.close() } }
+                                throw .machine("disk \(index): \(error)")
+                            }
+                        }
+                    }
                     try place(snapshot, into: early, memory: memory)
                     return early
                 }
@@ -246,7 +282,15 @@ public final class MigrationReceiver: @unchecked Sendable {
         guard snapshot.vcpus.count == saved.cpuCount, snapshot.vcpus.enumerated().allSatisfy({ UInt32($0.offset) == $0.element.id }) else {
             throw .protocolViolation("the state holds \(snapshot.vcpus.count) vCPU states for \(saved.cpuCount) vCPUs")
         }
-        // The identities the source recorded when it closed the disks at the switch-over.
+        let paths = try checkedDiskPaths(snapshot, options: options)
+        let machine = try assemble(offer, disks: paths, memory: memory, options: options)
+        try place(snapshot, into: machine, memory: memory)
+        return machine
+    }
+
+    /// Where each disk is here, each checked to be the disk the source recorded when it closed it
+    /// at the switch-over.
+    private func checkedDiskPaths(_ snapshot: MachineSnapshot, options: RestoreOptions) throws(MigrationError) -> [String] {
         let disks = snapshot.configuration.virtio.compactMap(\.disk)
         var paths: [String] = []
         do throws(SnapshotError) {
@@ -261,9 +305,49 @@ public final class MigrationReceiver: @unchecked Sendable {
         } catch {
             throw .machine("\(error)")
         }
-        let machine = try assemble(offer, disks: paths, memory: memory, options: options)
-        try place(snapshot, into: machine, memory: memory)
-        return machine
+        return paths
+    }
+
+    /// The disks, opened and checked (each file opened once: this is in the downtime).
+    private func openCheckedDisks(_ snapshot: MachineSnapshot, options: RestoreOptions) throws(MigrationError) -> [any BlockBackend] {
+        var opened: [any BlockBackend] = []
+        do throws(MigrationError) {
+            for (index, disk) in snapshot.configuration.virtio.compactMap(\.disk).enumerated() {
+                let path = (index < options.diskPaths.count ? options.diskPaths[index] : nil) ?? disk.path
+                let backend: any BlockBackend
+                do throws(VHDXError) { backend = try openDisk(path: path, readOnly: disk.readOnly) } catch {
+                    throw .machine("\(SnapshotError.diskChanged(path: path, detail: "cannot be opened (\(error))"))")
+                }
+                opened.append(backend)
+                let current: DiskIdentity
+                if let image = backend as? VHDXImage {
+                    current = DiskIdentity(format: "vhdx", virtualSize: image.virtualSize, dataWriteGuid: image.dataWriteGuid.braced)
+                } else {
+                    do throws(SnapshotError) { current = try DiskIdentity.current(path: path) } catch { throw .machine("\(error)") }
+                }
+                guard current == disk.identity else {
+                    throw .machine("\(SnapshotError.diskChanged(path: path, detail: "is not the disk the source flushed (here: \(current); the source: \(disk.identity))"))")
+                }
+            }
+        } catch {
+            // Dropped without a close: a file that is not the expected disk is not written to.
+            for disk in opened { if let image = disk as? VHDXImage { image.abandon() } else { try? disk.close() } }
+            throw error
+        }
+        return opened
+    }
+
+    /// The machine the offer describes on placeholder disks (see ``PlaceholderDisk``).
+    private func assemble(_ offer: MigrationOffer, placeholders: [PlaceholderDisk], memory: GuestMemory, options: RestoreOptions) throws(MigrationError) -> Machine {
+        do throws(SnapshotError) {
+            let configuration = try Machine.restoredConfiguration(offer.configuration, diskPaths: [], disks: placeholders, options: options,
+                                                                  source: "the migration stream")
+            do throws(MachineError) { return try Machine(configuration, restoring: nil, incoming: memory) } catch {
+                throw SnapshotError.machine("\(error)")
+            }
+        } catch {
+            throw .machine("\(error)")
+        }
     }
 
     /// The machine the offer describes, on `memory`, not started and without its state.
@@ -332,4 +416,29 @@ public final class MigrationReceiver: @unchecked Sendable {
         try? stream.send(.running, json: .object([("resume_ns", .number(Int64(resumed)))]))
         return resumed
     }
+}
+
+/// A disk that is not open yet: what the guest will see (size, sectors, read-only) for a machine
+/// built before its disk files may be opened — a migration's destination, while the source still
+/// writes them. Never given I/O: the machine does not run until the real disk replaces it.
+final class PlaceholderDisk: BlockBackend, @unchecked Sendable {
+    let virtualSize: UInt64
+    let logicalSectorSize: UInt32
+    let physicalSectorSize: UInt32
+    let isReadOnly: Bool
+
+    init(virtualSize: UInt64, logicalSectorSize: UInt32, physicalSectorSize: UInt32, isReadOnly: Bool) {
+        self.virtualSize = virtualSize
+        self.logicalSectorSize = logicalSectorSize
+        self.physicalSectorSize = physicalSectorSize
+        self.isReadOnly = isReadOnly
+    }
+
+    private static let notOpen = BlockError.unsupported("I/O before the migrated disk was opened")
+    func read(into buffer: UnsafeMutableRawBufferPointer, at offset: UInt64) throws(BlockError) { throw Self.notOpen }
+    func write(_ buffer: UnsafeRawBufferPointer, at offset: UInt64) throws(BlockError) { throw Self.notOpen }
+    func flush() throws(BlockError) { throw Self.notOpen }
+    func discard(offset: UInt64, length: UInt64) throws(BlockError) { throw Self.notOpen }
+    func writeZeroes(offset: UInt64, length: UInt64) throws(BlockError) { throw Self.notOpen }
+    func close() throws {}
 }

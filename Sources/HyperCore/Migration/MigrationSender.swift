@@ -316,8 +316,14 @@ public final class MigrationSender: @unchecked Sendable {
             let mtime = Int64(info.st_mtim.tv_sec) * 1_000_000_000 + Int64(info.st_mtim.tv_nsec)
             files.append(.object([("name", .string(file.name)), ("size", .number(Int64(info.st_size))), ("mtime_ns", .number(mtime))]))
         }
+        // What the guest sees of each disk: the destination builds the machine before it may open them.
+        let geometry: [JSONValue] = machine.blockBackends.map { disk in
+            .object([("virtual_size", .number(Int64(disk.virtualSize))), ("logical_sector", .number(Int64(disk.logicalSectorSize))),
+                     ("physical_sector", .number(Int64(disk.physicalSectorSize))), ("read_only", .bool(disk.isReadOnly))])
+        }
         var offer: [(String, JSONValue)] = [("configuration", configuration), ("metadata", options.metadata),
-                                            ("storage", .string(options.storage.rawValue)), ("files", .array(files))]
+                                            ("storage", .string(options.storage.rawValue)), ("files", .array(files)),
+                                            ("disk_geometry", .array(geometry))]
         if options.storage == .copy {
             // Tracking starts before anything is read, so no write is missed.
             mirrors = try DiskMirror.start(machine)
