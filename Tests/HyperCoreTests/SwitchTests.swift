@@ -342,6 +342,31 @@ struct SwitchTests {
         #expect(try host.hvrun(["switch", "list", "--json"]).stdout == "[]\n")
     }
 
+    @Test("SIGKILL of switch create at every step of building an external switch: delete then restores the host's addresses and routes exactly, and the switch can be made again",
+          .timeLimit(.minutes(3)))
+    func killedCreate() throws {
+        if let reason = Self.skipReason() { print(reason); return }
+        let host = try SwitchHostNamespace()
+        try host.makePhysicalNetwork(adapter: "uplink0")
+        let before = try host.snapshot()
+        for point in ["switch-bridge-created", "switch-address-removed", "switch-adapter-enslaved", "switch-addresses-moved", "switch-realised"] {
+            let process = try VMProcess(["switch", "create", "wan", "--type", "external", "--adapter", "uplink0"],
+                                        environment: ["HVRUN_HOME=" + host.home, "HVRUN_CRASH_AT=" + point], prefix: host.prefix)
+            #expect(process.wait(timeoutSeconds: 60) == 128 + SIGKILL, "\(point): \(process.errors)")
+            #expect(try host.snapshot() != before || point == "switch-bridge-created", "\(point): the kill came after the host changed")
+            // What the killed create left is a switch that delete can undo.
+            let deleted = try host.hvrun(["switch", "delete", "wan"])
+            #expect(deleted.status == 0, "\(point): \(deleted.stderr)")
+            #expect(try host.snapshot() == before, "\(point): delete did not restore the addresses and routes exactly")
+            #expect(try host.interfaces().sorted() == ["lo", "uplink0"], "\(point): left \(try host.interfaces())")
+            #expect(try host.hvrun(["switch", "list", "--json"]).stdout == "[]\n", "\(point)")
+        }
+        #expect(try host.hvrun(["switch", "create", "wan", "--type", "external", "--adapter", "uplink0"]).status == 0)
+        #expect(try host.exec(["ping", "-c", "1", "-W", "3", "192.168.77.1"]).status == 0, "the host reaches the network through the bridge")
+        #expect(try host.hvrun(["switch", "delete", "wan"]).status == 0)
+        #expect(try host.snapshot() == before)
+    }
+
     @Test("a stored VM on a switch: duplicate static MACs refused with both names, a switch in use not deleted, re-made after a reboot, the NIC survives save/restore",
           .timeLimit(.minutes(4)))
     func storedVMs() throws {

@@ -129,6 +129,7 @@ struct SwitchHost {
             create += ["type", "bridge", "mcast_snooping", "0", "stp_state", "0", "forward_delay", "0"]
             try HostCommand.ip(create)
             rollback.push { _ = try? HostCommand.ip(["link", "del", bridge]) }
+            CrashPoint.reach("switch-bridge-created")
             if switchObject.isolatesHost {
                 // No IPv6 on the bridge's own interface (no link-local address, no MLD, no RS),
                 // and an XDP program that drops every frame the bridge passes up to the host.
@@ -149,13 +150,16 @@ struct SwitchHost {
                 for address in state.addresses {
                     try Self.deleteAddress(address, from: adapter)
                     rollback.push { _ = try? Self.addAddress(address, to: adapter) }
+                    CrashPoint.reach("switch-address-removed")
                 }
                 rollback.push { for route in state.routes { _ = try? Self.addRoute(route, via: adapter) } }
                 try HostCommand.ip(["link", "set", adapter, "master", bridge])
                 rollback.push { _ = try? HostCommand.ip(["link", "set", adapter, "nomaster"]) }
+                CrashPoint.reach("switch-adapter-enslaved")
                 try HostCommand.ip(["link", "set", adapter, "up"])
                 if !switchObject.dedicated {
                     for address in state.addresses { try Self.addAddress(address, to: bridge) }
+                    CrashPoint.reach("switch-addresses-moved")
                     for route in state.routes { try Self.addRoute(route, via: bridge) }
                 }
             }

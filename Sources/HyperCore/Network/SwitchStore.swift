@@ -211,6 +211,7 @@ public struct SwitchStore: Sendable {
             try save(switchObject)
             do throws(SwitchError) {
                 switchObject = try SwitchHost(paths: paths).realise(switchObject)
+                CrashPoint.reach("switch-realised")
                 try save(switchObject)
             } catch {
                 unlink(paths.configuration(request.name))
