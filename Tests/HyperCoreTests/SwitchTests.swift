@@ -353,12 +353,13 @@ struct SwitchTests {
             let process = try VMProcess(["switch", "create", "wan", "--type", "external", "--adapter", "uplink0"],
                                         environment: ["HVRUN_HOME=" + host.home, "HVRUN_CRASH_AT=" + point], prefix: host.prefix)
             #expect(process.wait(timeoutSeconds: 60) == 128 + SIGKILL, "\(point): \(process.errors)")
-            #expect(try host.snapshot() != before || point == "switch-bridge-created", "\(point): the kill came after the host changed")
+            #expect(try host.snapshot() != before, "\(point): the kill came after the host changed")
             // What the killed create left is a switch that delete can undo.
             let deleted = try host.hvrun(["switch", "delete", "wan"])
             #expect(deleted.status == 0, "\(point): \(deleted.stderr)")
             #expect(try host.snapshot() == before, "\(point): delete did not restore the addresses and routes exactly")
-            #expect(try host.interfaces().sorted() == ["lo", "uplink0"], "\(point): left \(try host.interfaces())")
+            let left = try host.interfaces().sorted()
+            #expect(left == ["lo", "uplink0"], "\(point): left \(left)")
             #expect(try host.hvrun(["switch", "list", "--json"]).stdout == "[]\n", "\(point)")
         }
         #expect(try host.hvrun(["switch", "create", "wan", "--type", "external", "--adapter", "uplink0"]).status == 0)
