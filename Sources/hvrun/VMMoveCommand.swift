@@ -37,13 +37,15 @@ struct VMMoveCommand: ParsableCommand {
     var json = false
 
     func validate() throws {
+        guard maxDowntime >= 1, maxDowntime <= 60_000 else { throw ValidationError("--max-downtime must be between 1 and 60000 ms") }
         if storageOnly != nil {
-            if to != nil || token != nil { throw ValidationError("--storage-only moves the disks on this host: it takes no --to or --token") }
+            if to != nil || token != nil || storage != nil {
+                throw ValidationError("--storage-only moves the disks on this host: it takes no --to, --token or --storage")
+            }
             return
         }
         guard to != nil, token != nil else { throw ValidationError("vm move needs --to ADDR and --token TOKEN (hvrun vm receive on the destination prints it)") }
         if let storage, storage != "shared", storage != "copy" { throw ValidationError("--storage must be shared or copy") }
-        guard maxDowntime >= 1, maxDowntime <= 60_000 else { throw ValidationError("--max-downtime must be between 1 and 60000 ms") }
         if let timeout, !(timeout > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
     }
 

@@ -189,6 +189,11 @@ public final class MigrationReceiver: @unchecked Sendable {
             switch type {
             case .memory:
                 try receivePages(length: length, crc: crc, into: memory)
+            case .pass:
+                // The sender is about to pause the guest: everything before this is in place.
+                let payload = try stream.read(length)
+                guard MigrationStream.crc(payload) == crc else { throw .protocolViolation("pass section payload checksum mismatch") }
+                try stream.send(.pass, json: .object([("pages", .number(Int64(pagesReceived)))]))
             case .disk:
                 guard let copies else { throw .protocolViolation("a disk section with shared storage") }
                 guard length <= 24 + MigrationStream.chunkSize else { throw .protocolViolation("a disk section of \(length) bytes") }

@@ -166,6 +166,11 @@ public final class MigrationSender: @unchecked Sendable {
             logging = true
             update { $0.phase = .precopy }
             try precopy(&report)
+            // Drain: the receiver may still be working through the last passes (socket buffers
+            // hold megabytes). Waiting for its acknowledgement here, while the guest runs, keeps
+            // that backlog out of the pause.
+            try stream.send(.pass, json: .object([("passes", .number(Int64(report.passes)))]))
+            _ = try stream.receiveJSON(.pass)
             // Switch-over.
             update { $0.phase = .switchover }
             let pauseStart = monotonicNanoseconds()
