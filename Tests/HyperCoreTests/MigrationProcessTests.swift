@@ -414,7 +414,7 @@ struct MigrationProcessTests {
         #expect(try destination.run(["vm", "stop", "hardy"]).status == 0)
     }
 
-    @Test("storage copy broken at several points (closed, a byte flipped, the receiver killed mid-copy): the VM runs on at the source on its own disk chain, the destination keeps nothing; then it moves and reads back every sector",
+    @Test("storage copy broken at several points (closed, a byte flipped, the receiver killed mid-copy): the VM runs on at the source on its own disk chain, the destination keeps nothing; then it moves while paused, arrives paused, and after a resume reads back every sector",
           .timeLimit(.minutes(3)))
     func copyFaults() throws {
         let source = try Store(), destination = try Store()
@@ -460,12 +460,17 @@ struct MigrationProcessTests {
                     "\(fault): the guest goes on at the source")
             #expect(try source.run(["vm", "pause", "sturdy"]).status == 0)
         }
-        #expect(try source.run(["vm", "resume", "sturdy"]).status == 0)
+        // The last move starts from the paused VM: it arrives paused, as it was.
         let sourceLog = LogReader(source.bundle("sturdy").consoleLogPath)
         let (receiver, address, token) = try Self.receive(destination, listen: "unix:" + destination.directory.file("last.sock"))
         let moved = try source.run(["vm", "move", "sturdy", "--to", address, "--token", token, "--storage", "copy"])
         #expect(moved.status == 0, "\(moved.stdout)\(moved.stderr)")
         #expect(receiver.wait(timeoutSeconds: 30) == 0)
+        #expect(try destination.state("sturdy") == "paused")
+        let stepsWhilePaused = SnapshotProcessTests.steps(destination.consoleLog("sturdy")).count
+        usleep(300_000)
+        #expect(SnapshotProcessTests.steps(destination.consoleLog("sturdy")).count == stepsWhilePaused, "a paused guest does not run")
+        #expect(try destination.run(["vm", "resume", "sturdy"]).status == 0)
         #expect(try destination.waitFor(timeoutSeconds: 90) { try destination.state("sturdy") == "off" },
                 "\(destination.consoleLog("sturdy").suffix(200))")
         let combined = sourceLog.text + destination.consoleLog("sturdy")

@@ -99,6 +99,8 @@ public struct MigrationOffer: Sendable {
 public final class MigrationReceiver: @unchecked Sendable {
     public let stream: MigrationStream
     public private(set) var pagesReceived: UInt64 = 0
+    /// The guest was paused on the source when it moved: it stays paused here (``switchOver(_:commit:)``).
+    public private(set) var arrivesPaused = false
     /// Storage copy: bytes of disk data received.
     public private(set) var diskBytesReceived: UInt64 = 0
     /// Storage copy: runs once every copied disk file is complete and durable, before the disks
@@ -217,6 +219,7 @@ public final class MigrationReceiver: @unchecked Sendable {
                 guard complete["pages"]?.int64Value == Int64(pagesReceived) else {
                     throw .protocolViolation("the sender sent \(complete["pages"]?.rendered() ?? "?") pages, \(pagesReceived) arrived")
                 }
+                arrivesPaused = complete["paused"] == .bool(true)
                 if let copies {
                     try copies.finish(complete["disks"])
                     try disksCopied?()
@@ -391,7 +394,7 @@ public final class MigrationReceiver: @unchecked Sendable {
     }
 
     /// Starts the machine paused (its state put back), says `prepared`, waits for `go`, resumes
-    /// the guest and says `running`. Returns the nanoseconds from entering to resuming. Throws
+    /// the guest (unless it was paused on the source: ``arrivesPaused``) and says `running`. Returns the nanoseconds from entering to resuming. Throws
     /// (the machine stopped) when `go` does not come.
     ///
     /// `commit` runs after `go`, before the guest resumes: the caller makes the VM its own there
@@ -411,10 +414,13 @@ public final class MigrationReceiver: @unchecked Sendable {
             stream.abort("the destination will not run the guest: \(error)")
             throw error
         }
-        do throws(MachineError) { try machine.resume() } catch {
-            machine.stop()
-            stream.abort("the destination cannot resume the guest: \(error)")
-            throw .machine("resuming: \(error)")
+        // A guest that was paused on the source stays paused: it moved as it was.
+        if !arrivesPaused {
+            do throws(MachineError) { try machine.resume() } catch {
+                machine.stop()
+                stream.abort("the destination cannot resume the guest: \(error)")
+                throw .machine("resuming: \(error)")
+            }
         }
         let resumed = monotonicNanoseconds() - start
         // The guest runs here now; a lost confirmation does not change that.

@@ -207,7 +207,8 @@ public final class MigrationSender: @unchecked Sendable {
             }
             phase("capture")
             try stream.send(.state, state)
-            var complete: [(String, JSONValue)] = [("pages", .number(Int64(report.pagesSent))), ("passes", .number(Int64(report.passes)))]
+            var complete: [(String, JSONValue)] = [("pages", .number(Int64(report.pagesSent))), ("passes", .number(Int64(report.passes))),
+                                                   ("paused", .bool(!wasRunning))]
             if options.storage == .copy { complete.append(("disks", .array(mirrors.map { $0.finalDescription() }))) }
             try stream.send(.complete, json: .object(complete))
             phase("send_state")
