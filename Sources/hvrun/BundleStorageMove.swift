@@ -68,6 +68,20 @@ final class BundleStorageMove: Sendable {
         let live = configuration.disks.enumerated().filter { !$0.element.readonly }
             .map { (index: $0.offset, file: StoreFiles.canonical(source.activePath(of: $0.element))) }
         let liveFiles = Set(live.map(\.file))
+        let destinations = plan.placed.values.sorted()
+        let oldBundleFiles = plan.placed.keys.sorted().filter { $0.hasPrefix(source.path + "/") }
+        // Crash safety through vm.json's pending list: first the copies are written down as
+        // files to delete (a crash before the switch leaves the VM on its old files, and the next
+        // start removes the copies); the switch's commit names the new files and lists the old
+        // ones of the VM's directory instead, deleted right after (or by the next start).
+        func record(_ value: VMConfiguration) throws(ControlError) {
+            do throws(StoreError) { try StoreFiles.writeAtomically(source.configurationPath, Array(try value.encoded().utf8)) } catch {
+                throw .failed("writing \(source.configurationPath): \(error)")
+            }
+        }
+        var copying = configuration
+        copying.pending = destinations.map { PendingStoreOperation(kind: .unlink, path: $0) }
+        try record(copying)
         var created: [String] = []
         do throws(ControlError) {
             // Frozen files: copied whole, then re-pointed at their parents' copies (parents first).
@@ -81,35 +95,39 @@ final class BundleStorageMove: Sendable {
                     throw .failed("re-pointing \(child) at \(parent): \(error)")
                 }
             }
+            CrashPoint.reach("storage-move-copied")
             // The files the guest writes: copied live and switched.
             let moves = live.map { disk -> DiskMove in
                 let destination = plan.placed[disk.file]!
                 return DiskMove(index: disk.index, destination: destination, parent: plan.reparent.first { $0.child == destination }?.parent)
             }
             created += moves.map(\.destination)
-            let moved = plan.configuration
+            var moved = plan.configuration
+            moved.pending = oldBundleFiles.map { PendingStoreOperation(kind: .unlink, path: $0) }
             let report: StorageMoveReport
             do throws(MigrationError) {
                 report = try machine.moveDisks(moves, maxStallMilliseconds: maxStall) { () throws(MigrationError) in
-                    do throws(StoreError) { try StoreFiles.writeAtomically(source.configurationPath, Array(try moved.encoded().utf8)) } catch {
-                        throw .machine("recording the new disk paths in \(source.configurationPath): \(error)")
-                    }
+                    CrashPoint.reach("storage-move-before-commit")
+                    do throws(ControlError) { try record(moved) } catch { throw .machine("recording the new disk paths: \(error)") }
+                    CrashPoint.reach("storage-move-committed")
                 }
             } catch {
                 throw .failed("\(error)")
             }
-            // Moved: the old files go, those of the VM's own directory; others stay.
-            var left: [String] = []
-            for file in plan.placed.keys.sorted() {
-                if file.hasPrefix(source.path + "/") { unlink(file) } else { left.append(file) }
-            }
-            return [("dir", .string(directory)), ("files", .array(plan.placed.values.sorted().map(JSONValue.string))),
+            // Moved: the old files of the VM's own directory go; others stay where they are.
+            for file in oldBundleFiles { unlink(file) }
+            CrashPoint.reach("storage-move-old-files-deleted")
+            moved.pending = []
+            try record(moved)
+            let left = plan.placed.keys.sorted().filter { !$0.hasPrefix(source.path + "/") }
+            return [("dir", .string(directory)), ("files", .array(destinations.map(JSONValue.string))),
                     ("bytes_copied", .number(Int64(report.bytesCopied))), ("rounds", .number(Int64(report.rounds))),
                     ("stall_ms", .double(Double(report.stallNanoseconds / 1000) / 1000)),
                     ("total_ms", .double(Double(report.totalNanoseconds / 1000) / 1000)),
                     ("left_in_place", .array(left.map(JSONValue.string)))]
         } catch {
             for file in created { unlink(file) }
+            try? record(configuration)
             throw error
         }
     }

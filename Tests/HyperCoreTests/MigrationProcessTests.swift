@@ -351,6 +351,47 @@ struct MigrationProcessTests {
         print("storage-only move (\(kind)): \(result.stdout)")
     }
 
+    @Test("storage only, the VM process SIGKILLed at each step: the next start finishes or undoes the move, so the VM runs on one whole chain and nothing is left behind",
+          .timeLimit(.minutes(3)), arguments: ["storage-move-copied", "storage-move-before-commit", "storage-move-committed", "storage-move-old-files-deleted"])
+    func storageOnlyKilled(_ point: String) throws {
+        let store = try Store()
+        let disks = try TemporaryDirectory(), target = try TemporaryDirectory()
+        let disk = try #require(try SnapshotProcessTests.makeDisk("vhdx", in: disks, name: "base"))
+        let steps = 150
+        #expect(try store.run(["vm", "create", "k", "--kernel", try GuestImages.path("stateful.elf"), "--memory", "256M", "--disk", disk,
+                               "--cmdline", "steps=\(steps) ticks=1 blk=1"]).status == 0)
+        #expect(try store.run(["vm", "checkpoint", "create", "k", "before"]).status == 0)
+        let info = { try JSONValue.parse(try store.run(["vm", "info", "k", "--json"]).stdout)["disks"]?[0]?["active_path"]?.stringValue ?? "" }
+        let oldActive = try info()
+        // The VM process inherits HVRUN_CRASH_AT from the start command.
+        let process = try VMProcess(["vm", "start", "k"], environment: ["HVRUN_HOME=" + store.home, "HVRUN_CRASH_AT=" + point])
+        #expect(process.wait(timeoutSeconds: 60) == 0, "\(process.errors)")
+        #expect(store.waitFor { store.consoleLog("k").contains("step=20\n") })
+        let moved = try store.run(["vm", "move", "k", "--storage-only", target.path])
+        #expect(moved.status != 0, "the VM process was killed at \(point): \(moved.stdout)")
+        #expect(try store.waitFor(timeoutSeconds: 20) { try store.state("k") == "off" })
+        // The next start recovers; then the guest runs from boot to its end on one whole chain.
+        #expect(try store.run(["vm", "start", "k"]).status == 0)
+        #expect(try store.waitFor(timeoutSeconds: 60) { try store.state("k") == "off" })
+        let log = store.consoleLog("k")
+        #expect(log.components(separatedBy: "disk_ok=\(steps)").count >= 2, "the restarted guest reads back every sector: \(log.suffix(600))")
+        let active = try info()
+        let committed = point == "storage-move-committed" || point == "storage-move-old-files-deleted"
+        let left = StoreFiles.list(target.path)
+        if committed {
+            #expect(active.hasPrefix(target.path + "/"), "\(point): \(active)")
+            #expect(!StoreFiles.exists(oldActive), "\(point): the old differencing disk is gone")
+            #expect(left.count == 2, "\(point): the moved base and child: \(left)")
+        } else {
+            #expect(active == oldActive, "\(point): \(active)")
+            #expect(left.isEmpty, "\(point): the copies are removed: \(left)")
+        }
+        let pending = try JSONValue.parse(try StoreFiles.read(store.bundle("k").configurationPath))["pending"] ?? .array([])
+        #expect(pending == .array([]), "\(point): work left pending: \(pending.rendered())")
+        let check = try Subprocess.run(TestHost.hvrunPath!, ["disk", "check", active])
+        #expect(check.status == 0, "\(point): \(check.stdout)\(check.stderr)")
+    }
+
     @Test("a wrong token is refused: the VM runs on at the source, nothing is left at the destination", .timeLimit(.minutes(2)))
     func wrongToken() throws {
         let source = try Store(), destination = try Store()

@@ -6,10 +6,10 @@ internal import Glibc
 /// process: with `HVRUN_CRASH_AT=NAME` in its environment, a process that reaches point NAME
 /// SIGKILLs itself there — exactly what a power cut or `kill -9` at that instant does, so the
 /// tests can prove each such instant leaves a VM that opens. Without the variable, nothing happens.
-enum CrashPoint {
+public enum CrashPoint {
     static let armed: String? = getenv("HVRUN_CRASH_AT").map { String(cString: $0) }
 
-    static func reach(_ name: String) {
+    public static func reach(_ name: String) {
         guard let armed, armed == name else { return }
         kill(getpid(), SIGKILL)
         pause()
