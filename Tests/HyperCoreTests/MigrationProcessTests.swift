@@ -113,6 +113,31 @@ struct MigrationProcessTests {
 
     static func fileBytesAtPath(_ path: String) throws -> [UInt8] { try StoreFiles.read(path) }
 
+    /// Starts VM `name` in `source`, lets its guest reach step 40 and moves it to `destination`
+    /// with `--storage STORAGE --json`. Returns `vm move`'s result and the source's console log
+    /// (read through a descriptor opened before the bundle went).
+    static func startAndMove(_ name: String, from source: Store, to destination: Store, storage: String) throws
+        -> (moved: (status: Int32, stdout: String, stderr: String), sourceLog: LogReader) {
+        #expect(try source.run(["vm", "start", name]).status == 0)
+        #expect(source.waitFor { source.consoleLog(name).contains("step=40\n") })
+        let sourceLog = LogReader(source.bundle(name).consoleLogPath)
+        let (receiver, address, token) = try receive(destination, listen: "unix:" + destination.directory.file("in.sock"))
+        let moved = try source.run(["vm", "move", name, "--to", address, "--token", token, "--storage", storage, "--json"])
+        #expect(moved.status == 0, "\(moved.stdout)\(moved.stderr)\n\(receiver.errors)")
+        #expect(receiver.wait(timeoutSeconds: 30) == 0, "\(receiver.output)\(receiver.errors)")
+        return (moved, sourceLog)
+    }
+
+    /// The uninterrupted run the moved guest is compared with: `stateful.elf` with `line` on a new
+    /// `format` disk in `directory`, to its end. Returns the disk and the guest's `result=` line.
+    static func referenceRun(_ format: String, line: String, in directory: TemporaryDirectory) throws -> (disk: String, result: String) {
+        let disk = try #require(try SnapshotProcessTests.makeDisk(format, in: directory, name: "reference"))
+        let reference = try TestHost.hvrun(["run", "--kernel", try GuestImages.path("stateful.elf"), "--memory", "256M", "--disk", disk,
+                                            "--cmdline", line, "--timeout", "60"], timeoutSeconds: 90)
+        #expect(reference.status == 0x41, "\(reference.stdout)\(reference.stderr)")
+        return (disk, try #require(SnapshotProcessTests.result(reference.stdout)))
+    }
+
     /// What the guest sees of a disk (a VHDX chain flattened by `hvrun disk convert`), as bytes.
     /// (qemu-img cannot open differencing VHDX files, so it cannot be the peer here.)
     static func flattened(_ disk: String, in directory: TemporaryDirectory) throws -> [UInt8] {
@@ -211,21 +236,11 @@ struct MigrationProcessTests {
         let disks = try TemporaryDirectory()
         let steps = 300
         let line = "steps=\(steps) ticks=1 dirty=64 dirtymb=16 blk=1"
-        let referenceDisk = try #require(try SnapshotProcessTests.makeDisk(kind, in: disks, name: "reference"))
-        let reference = try TestHost.hvrun(["run", "--kernel", try GuestImages.path("stateful.elf"), "--memory", "256M", "--disk", referenceDisk,
-                                            "--cmdline", line, "--timeout", "60"], timeoutSeconds: 90)
-        #expect(reference.status == 0x41, "\(reference.stdout)\(reference.stderr)")
-        let expected = try #require(SnapshotProcessTests.result(reference.stdout))
+        let (_, expected) = try Self.referenceRun(kind, line: line, in: disks)
         let disk = try #require(try SnapshotProcessTests.makeDisk(kind, in: disks, name: "shared"))
         #expect(try source.run(["vm", "create", "disky", "--kernel", try GuestImages.path("stateful.elf"), "--memory", "256M",
                                 "--disk", disk, "--cmdline", line]).status == 0)
-        #expect(try source.run(["vm", "start", "disky"]).status == 0)
-        #expect(source.waitFor { source.consoleLog("disky").contains("step=40\n") })
-        let sourceLog = LogReader(source.bundle("disky").consoleLogPath)
-        let (receiver, address, token) = try Self.receive(destination, listen: "unix:" + destination.directory.file("in.sock"))
-        let moved = try source.run(["vm", "move", "disky", "--to", address, "--token", token, "--storage", "shared", "--json"])
-        #expect(moved.status == 0, "\(moved.stdout)\(moved.stderr)\n\(receiver.errors)")
-        #expect(receiver.wait(timeoutSeconds: 30) == 0, "\(receiver.output)\(receiver.errors)")
+        let (_, sourceLog) = try Self.startAndMove("disky", from: source, to: destination, storage: "shared")
         #expect(try destination.waitFor(timeoutSeconds: 60) { try destination.state("disky") == "off" })
         let combined = sourceLog.text + destination.consoleLog("disky")
         #expect(SnapshotProcessTests.steps(combined) == Array(1...steps), "\(combined.suffix(2000))")
@@ -242,11 +257,7 @@ struct MigrationProcessTests {
         let steps = 300
         let format = kind == "raw" ? "raw" : "vhdx"
         let line = "steps=\(steps) ticks=1 dirty=64 dirtymb=16 blk=1"
-        let referenceDisk = try #require(try SnapshotProcessTests.makeDisk(format, in: disks, name: "reference"))
-        let reference = try TestHost.hvrun(["run", "--kernel", try GuestImages.path("stateful.elf"), "--memory", "256M", "--disk", referenceDisk,
-                                            "--cmdline", line, "--timeout", "60"], timeoutSeconds: 90)
-        #expect(reference.status == 0x41, "\(reference.stdout)\(reference.stderr)")
-        let expected = try #require(SnapshotProcessTests.result(reference.stdout))
+        let (referenceDisk, expected) = try Self.referenceRun(format, line: line, in: disks)
         let disk = try #require(try SnapshotProcessTests.makeDisk(format, in: disks, name: "base"))
         let baseBefore = try Self.fileBytesAtPath(disk)
         #expect(try source.run(["vm", "create", "copier", "--kernel", try GuestImages.path("stateful.elf"), "--memory", "256M",
@@ -255,13 +266,7 @@ struct MigrationProcessTests {
             // The guest writes a differencing disk in the bundle; its parent stays outside.
             #expect(try source.run(["vm", "checkpoint", "create", "copier", "before"]).status == 0)
         }
-        #expect(try source.run(["vm", "start", "copier"]).status == 0)
-        #expect(source.waitFor { source.consoleLog("copier").contains("step=40\n") })
-        let sourceLog = LogReader(source.bundle("copier").consoleLogPath)
-        let (receiver, address, token) = try Self.receive(destination, listen: "unix:" + destination.directory.file("in.sock"))
-        let moved = try source.run(["vm", "move", "copier", "--to", address, "--token", token, "--storage", "copy", "--json"])
-        #expect(moved.status == 0, "\(moved.stdout)\(moved.stderr)\n\(receiver.errors)")
-        #expect(receiver.wait(timeoutSeconds: 30) == 0, "\(receiver.output)\(receiver.errors)")
+        let (moved, sourceLog) = try Self.startAndMove("copier", from: source, to: destination, storage: "copy")
         let report = try JSONValue.parse(moved.stdout)
         #expect((report["disk_bytes_sent"]?.int64Value ?? 0) > 0, "\(moved.stdout)")
         // Every disk file the VM uses now lies in the destination's bundle.
@@ -295,11 +300,7 @@ struct MigrationProcessTests {
         let steps = 300
         let format = kind == "raw" ? "raw" : "vhdx"
         let line = "steps=\(steps) ticks=1 dirty=16 dirtymb=16 blk=1"
-        let referenceDisk = try #require(try SnapshotProcessTests.makeDisk(format, in: disks, name: "reference"))
-        let reference = try TestHost.hvrun(["run", "--kernel", try GuestImages.path("stateful.elf"), "--memory", "256M", "--disk", referenceDisk,
-                                            "--cmdline", line, "--timeout", "60"], timeoutSeconds: 90)
-        #expect(reference.status == 0x41, "\(reference.stdout)\(reference.stderr)")
-        let expected = try #require(SnapshotProcessTests.result(reference.stdout))
+        let (referenceDisk, expected) = try Self.referenceRun(format, line: line, in: disks)
         let disk = try #require(try SnapshotProcessTests.makeDisk(format, in: disks, name: "base"))
         #expect(try store.run(["vm", "create", "mover", "--kernel", try GuestImages.path("stateful.elf"), "--memory", "256M",
                                "--disk", disk, "--cmdline", line]).status == 0)
