@@ -17,43 +17,44 @@ final class DiskMirror {
     let index: Int
     let path: String
     let changes: FileChanges
-    private let reader: Int32
+    /// The file, opened again read-only for the copy (it outlives the disk's own close).
+    private let reader: DiskFile
     /// Checked before each piece: true stops the copy (``MigrationError/cancelled(_:)``).
     var shouldStop: (() -> Bool)?
     /// The piece sent at once: one section's worth.
     static let pieceSize = MigrationStream.chunkSize
 
+    /// A mirror of `file`, not yet tracking.
     init(index: Int, file: DiskFile) throws(MigrationError) {
         self.index = index
         path = file.path
         changes = file.changes
-        reader = open(file.path, O_RDONLY | O_CLOEXEC)
-        guard reader >= 0 else { throw .io(operation: "open \(file.path) to copy it", errno: errno) }
+        do throws(VHDXError) { reader = try DiskFile(path: file.path, readOnly: true) } catch {
+            throw .machine("opening \(file.path) to copy it: \(error)")
+        }
     }
 
-    deinit { close(reader) }
+    /// A mirror of `backend`'s file (raw or VHDX: the file the guest's writes reach).
+    convenience init(index: Int, backend: any BlockBackend) throws(MigrationError) {
+        switch backend {
+        case let image as VHDXImage: try self.init(index: index, file: image.file)
+        case let raw as RawImage: try self.init(index: index, file: raw.file)
+        default: throw .machine("a disk of type \(type(of: backend)) cannot be copied: only raw and VHDX files")
+        }
+    }
 
     /// The mirrors of `machine`'s writable disks, tracking from now on.
     static func start(_ machine: Machine) throws(MigrationError) -> [DiskMirror] {
         var mirrors: [DiskMirror] = []
         for backend in machine.blockBackends where !backend.isReadOnly {
-            let file: DiskFile
-            switch backend {
-            case let image as VHDXImage: file = image.file
-            case let raw as RawImage: file = raw.file
-            default: throw .machine("a disk of type \(type(of: backend)) cannot be copied: only raw and VHDX files")
-            }
-            let mirror = try DiskMirror(index: mirrors.count, file: file)
+            let mirror = try DiskMirror(index: mirrors.count, backend: backend)
             mirror.changes.start()
             mirrors.append(mirror)
         }
         return mirrors
     }
 
-    var fileSize: UInt64 {
-        var info = stat()
-        return fstat(reader, &info) == 0 ? UInt64(info.st_size) : 0
-    }
+    var fileSize: UInt64 { (try? reader.size()) ?? 0 }
 
     /// Bytes waiting to be sent again (an upper bound: whole chunks).
     var pendingBytes: UInt64 { UInt64(changes.pendingChunks) * FileChanges.chunkSize }
@@ -70,23 +71,8 @@ final class DiskMirror {
 
     /// Every data extent of the file as it is now, to `sink`; returns the data bytes.
     func copyAll(to sink: some DiskMirrorSink, _ buffer: UnsafeMutableRawPointer) throws(MigrationError) -> UInt64 {
-        let size = fileSize
-        var extents: [Range<UInt64>] = []
-        let seekData: Int32 = 3, seekHole: Int32 = 4
-        var position: UInt64 = 0
-        while position < size {
-            let data = lseek(reader, off_t(position), seekData)
-            if data < 0 {
-                if errno != ENXIO { extents.append(position..<size) }
-                break
-            }
-            let hole = lseek(reader, data, seekHole)
-            let stop = hole < 0 ? size : min(size, UInt64(hole))
-            if UInt64(data) < stop { extents.append(UInt64(data)..<stop) }
-            position = max(stop, UInt64(data) + 1)
-        }
         var copied: UInt64 = 0
-        for extent in extents { copied += try copy(extent, to: sink, buffer) }
+        for extent in reader.dataExtents(offset: 0, length: fileSize) { copied += try copy(extent, to: sink, buffer) }
         return copied
     }
 
@@ -112,7 +98,7 @@ final class DiskMirror {
 
     func finalSizeAndTime() -> (size: UInt64, mtimeNanoseconds: Int64) {
         var info = stat()
-        _ = fstat(reader, &info)
+        _ = fstat(reader.fd, &info)
         return (UInt64(max(0, info.st_size)), Int64(info.st_mtim.tv_sec) * 1_000_000_000 + Int64(info.st_mtim.tv_nsec))
     }
 
@@ -124,15 +110,10 @@ final class DiskMirror {
         while offset < range.upperBound {
             if shouldStop?() == true { throw .cancelled("the machine ended while \(path) was being copied") }
             let count = Int(min(UInt64(Self.pieceSize), range.upperBound - offset))
-            var done = 0
-            while done < count {
-                let got = pread(reader, buffer + done, count - done, off_t(offset) + off_t(done))
-                if got < 0, errno == EINTR { continue }
-                if got < 0 { throw .io(operation: "read \(path) at \(offset + UInt64(done))", errno: errno) }
-                if got == 0 { break }
-                done += got
+            // Past the end of the file (shrunk since it was noted) it reads as zeros.
+            do throws(VHDXError) { try reader.read(into: UnsafeMutableRawBufferPointer(start: buffer, count: count), at: offset) } catch {
+                throw .machine("reading \(path): \(error)")
             }
-            if done < count { (buffer + done).initializeMemory(as: UInt8.self, repeating: 0, count: count - done) }
             // Split into data runs and zero runs, page by page: zero pages become holes there.
             let page = 4096
             var start = 0
@@ -217,7 +198,7 @@ struct FileSink: DiskMirrorSink {
 /// The destination's side of storage copy: the mirrored disks' files, written as sections come.
 final class DiskMirrorTarget: @unchecked Sendable {  // used by one thread at a time
     let paths: [String]
-    private var fds: [Int32] = []
+    private var files: [DiskFile] = []
     /// Bytes of disk data received.
     private(set) var bytesReceived: UInt64 = 0
     /// No file grows past this (a VHDX's largest size, 64 TiB).
@@ -227,16 +208,11 @@ final class DiskMirrorTarget: @unchecked Sendable {  // used by one thread at a 
     init(paths: [String], exclusive: Bool = false) throws(MigrationError) {
         self.paths = paths
         for path in paths {
-            let fd = open(path, O_WRONLY | O_CREAT | (exclusive ? O_EXCL : O_TRUNC) | O_CLOEXEC, 0o644)
-            guard fd >= 0 else {
-                fds.forEach { close($0) }
-                throw .io(operation: "create \(path)", errno: errno)
+            do throws(VHDXError) { files.append(try DiskFile(creating: path, overwrite: !exclusive)) } catch {
+                throw .machine("creating \(path): \(error)")
             }
-            fds.append(fd)
         }
     }
-
-    deinit { fds.forEach { close($0) } }
 
     /// Writes one disk section's payload (checked: its disk, its range, its length).
     func apply(_ payload: [UInt8], _ stream: MigrationStream) throws(MigrationError) {
@@ -244,7 +220,7 @@ final class DiskMirrorTarget: @unchecked Sendable {  // used by one thread at a 
         let disk = Int(stream.load(UInt32.self, payload, 0))
         let flags = stream.load(UInt32.self, payload, 4)
         let offset = stream.load(UInt64.self, payload, 8)
-        guard disk < fds.count, flags <= 1 else { throw .protocolViolation("a disk section for disk \(disk) with flags \(flags); \(fds.count) disks are copied") }
+        guard disk < files.count, flags <= 1 else { throw .protocolViolation("a disk section for disk \(disk) with flags \(flags); \(files.count) disks are copied") }
         if flags == 1 {
             guard payload.count == 24 else { throw .protocolViolation("a zero-range disk section of \(payload.count) bytes") }
             let length = stream.load(UInt64.self, payload, 16)
@@ -265,45 +241,21 @@ final class DiskMirrorTarget: @unchecked Sendable {  // used by one thread at a 
         if let failure { throw failure }
     }
 
+    /// A hole where the file system can punch one, else zeros (the final size is set at the end).
     func zero(_ disk: Int, at offset: UInt64, length: UInt64) throws(MigrationError) {
-        let fd = fds[disk]
-        guard cstorage_punch_hole(fd, Int64(offset), Int64(length)) != 0 else { return }
-        // Without hole punching: zeros by hand, but only inside the file (past its end it reads
-        // as zeros anyway, and the final size is set at the end).
-        var info = stat()
-        _ = fstat(fd, &info)
-        let end = min(offset + length, UInt64(max(0, info.st_size)))
-        var position = offset
-        let zeros = [UInt8](repeating: 0, count: 1 << 16)
-        while position < end {
-            let count = Int(min(UInt64(zeros.count), end - position))
-            let failure: MigrationError? = zeros.withUnsafeBytes { raw in
-                do throws(MigrationError) { try write(disk, UnsafeRawBufferPointer(rebasing: raw[0..<count]), at: position, counted: false) } catch {
-                    return error
-                }
-                return nil
-            }
-            if let failure { throw failure }
-            position += UInt64(count)
-        }
+        do throws(VHDXError) { try files[disk].punchHole(at: offset, length: length) } catch { throw .machine("\(error)") }
     }
 
-    func write(_ disk: Int, _ bytes: UnsafeRawBufferPointer, at offset: UInt64, counted: Bool = true) throws(MigrationError) {
-        var done = 0
-        while done < bytes.count {
-            let wrote = pwrite(fds[disk], bytes.baseAddress! + done, bytes.count - done, off_t(offset) + off_t(done))
-            if wrote < 0, errno == EINTR { continue }
-            guard wrote > 0 else { throw .io(operation: "write \(paths[disk]) at \(offset + UInt64(done))", errno: errno) }
-            done += wrote
-        }
-        if counted { bytesReceived += UInt64(bytes.count) }
+    func write(_ disk: Int, _ bytes: UnsafeRawBufferPointer, at offset: UInt64) throws(MigrationError) {
+        do throws(VHDXError) { try files[disk].write(bytes, at: offset) } catch { throw .machine("\(error)") }
+        bytesReceived += UInt64(bytes.count)
     }
 
     /// Sets each file's final size and modification time (from `complete`'s `disks`) and makes
     /// it durable.
     func finish(_ finals: JSONValue?) throws(MigrationError) {
-        guard case let .array(entries)? = finals, entries.count == fds.count else {
-            throw .protocolViolation("the complete section describes \(finals.map { "\($0)" } ?? "no") disks; \(fds.count) were copied")
+        guard case let .array(entries)? = finals, entries.count == files.count else {
+            throw .protocolViolation("the complete section describes \(finals.map { "\($0)" } ?? "no") disks; \(files.count) were copied")
         }
         for (disk, entry) in entries.enumerated() {
             guard let size = entry["size"]?.int64Value, size >= 0, UInt64(size) <= Self.maximumSize,
@@ -316,15 +268,18 @@ final class DiskMirrorTarget: @unchecked Sendable {  // used by one thread at a 
 
     /// Makes what was written so far durable (so that the final sync has little left to do).
     func sync(_ disk: Int) throws(MigrationError) {
-        guard fsync(fds[disk]) == 0 else { throw .io(operation: "fsync \(paths[disk])", errno: errno) }
+        do throws(VHDXError) { try files[disk].sync() } catch { throw .machine("\(error)") }
     }
 
     func finish(_ disk: Int, size: UInt64, mtimeNanoseconds mtime: Int64) throws(MigrationError) {
-        let fd = fds[disk]
-        guard ftruncate(fd, off_t(size)) == 0 else { throw .io(operation: "ftruncate \(paths[disk])", errno: errno) }
-        guard fsync(fd) == 0 else { throw .io(operation: "fsync \(paths[disk])", errno: errno) }
+        do throws(VHDXError) {
+            try files[disk].truncate(to: size)
+            try files[disk].sync()
+        } catch {
+            throw .machine("\(error)")
+        }
         let time = timespec(tv_sec: Int(mtime / 1_000_000_000), tv_nsec: Int(mtime % 1_000_000_000))
         var times = [time, time]
-        guard futimens(fd, &times) == 0 else { throw .io(operation: "futimens \(paths[disk])", errno: errno) }
+        guard futimens(files[disk].fd, &times) == 0 else { throw .io(operation: "futimens \(paths[disk])", errno: errno) }
     }
 }

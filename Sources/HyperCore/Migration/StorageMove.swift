@@ -52,13 +52,7 @@ extension Machine {
             guard backends.indices.contains(move.index), !backends[move.index].isReadOnly else {
                 throw .usage("disk \(move.index) is not a writable disk of this machine")
             }
-            let file: DiskFile
-            switch backends[move.index] {
-            case let image as VHDXImage: file = image.file
-            case let raw as RawImage: file = raw.file
-            default: throw .machine("a disk of type \(type(of: backends[move.index])) cannot be moved: only raw and VHDX files")
-            }
-            let mirror = try DiskMirror(index: mirrors.count, file: file)
+            let mirror = try DiskMirror(index: mirrors.count, backend: backends[move.index])
             mirror.shouldStop = { [weak self] in self?.exit != nil }
             mirror.changes.start()
             mirrors.append(mirror)
