@@ -15,8 +15,8 @@ public struct MigrationOffer: Sendable {
     /// Storage copy: the sizes of the writable disk files that are copied, in configuration order.
     public var copiedDiskSizes: [UInt64]
     /// What the guest sees of each disk (configuration order), so the machine can be built before
-    /// the disks may be opened; nil from a sender that does not say.
-    var diskGeometry: [PlaceholderDisk]?
+    /// the disks may be opened.
+    var diskGeometry: [PlaceholderDisk] = []
     /// The offer as it came (what ``init(json:)`` reads back).
     public var json: JSONValue
 
@@ -59,7 +59,9 @@ public struct MigrationOffer: Sendable {
             throw .protocolViolation("the offer copies \(sizes.count) disks with storage \(mode.rawValue); the machine has \(writable) writable disks")
         }
         copiedDiskSizes = sizes
-        if case let .array(entries)? = offer["disk_geometry"] {
+        let diskCount = configuration.virtio.compactMap(\.disk).count
+        if diskCount > 0 {
+            guard case let .array(entries)? = offer["disk_geometry"] else { throw .protocolViolation("the offer has no disk_geometry") }
             var disks: [PlaceholderDisk] = []
             for entry in entries {
                 guard let size = entry["virtual_size"]?.int64Value, size > 0,
@@ -71,8 +73,8 @@ public struct MigrationOffer: Sendable {
                 disks.append(PlaceholderDisk(virtualSize: UInt64(size), logicalSectorSize: UInt32(logical),
                                              physicalSectorSize: UInt32(physical), isReadOnly: readOnly))
             }
-            guard disks.count == configuration.virtio.compactMap(\.disk).count else {
-                throw .protocolViolation("the offer describes \(disks.count) disks; the machine has \(configuration.virtio.compactMap(\.disk).count)")
+            guard disks.count == diskCount else {
+                throw .protocolViolation("the offer describes \(disks.count) disks; the machine has \(diskCount)")
             }
             diskGeometry = disks
         }
@@ -158,7 +160,7 @@ public final class MigrationReceiver: @unchecked Sendable {
 
     /// Builds the machine's RAM, says `ready`, receives pre-copy and the switch-over's sections,
     /// and returns the machine with its state in place (not started). Disks are opened (from
-    /// `options.diskPaths`) only once the state has arrived: the source has flushed them then.
+    /// `options.diskPaths`) only once the state has arrived: the source has closed them then.
     public func receiveMachine(_ offer: MigrationOffer, options: RestoreOptions) throws(MigrationError) -> Machine {
         let saved = offer.configuration
         let memory: GuestMemory
@@ -166,13 +168,7 @@ public final class MigrationReceiver: @unchecked Sendable {
         // The machine (KVM VM, irqchip, devices) is built now, off the downtime; its disks are
         // placeholders until the source has closed them (the state has arrived), then the real
         // files are checked and put in their place.
-        let hasDisks = saved.virtio.contains { $0.disk != nil }
-        var early: Machine?
-        if !hasDisks {
-            early = try assemble(offer, disks: [], memory: memory, options: options)
-        } else if let geometry = offer.diskGeometry {
-            early = try assemble(offer, placeholders: geometry, memory: memory, options: options)
-        }
+        let machine = try assemble(offer, placeholders: offer.diskGeometry, memory: memory, options: options)
         var copies: DiskMirrorTarget?
         if offer.storage == .copy {
             let disks = saved.virtio.compactMap(\.disk)
@@ -224,20 +220,15 @@ public final class MigrationReceiver: @unchecked Sendable {
                     try copies.finish(complete["disks"])
                     try disksCopied?()
                 }
-                if let early {
-                    if hasDisks {
-                        let disks = try openCheckedDisks(snapshot, options: options)
-                        for (index, disk) in disks.enumerated() {
-                            do throws(MachineError) { try early.replaceDisk(index, with: disk) } catch {
-                                for disk in disks { if let image = disk as? VHDXImage { image.abandon() } else { try? disk.close() } }
-                                throw .machine("disk \(index): \(error)")
-                            }
-                        }
+                let disks = try openCheckedDisks(snapshot, options: options)
+                for (index, disk) in disks.enumerated() {
+                    do throws(MachineError) { try machine.replaceDisk(index, with: disk) } catch {
+                        Self.drop(disks)
+                        throw .machine("disk \(index): \(error)")
                     }
-                    try place(snapshot, into: early, memory: memory)
-                    return early
                 }
-                return try build(offer, snapshot: snapshot, memory: memory, options: options)
+                try place(snapshot, into: machine, memory: memory)
+                return machine
             case .abort:
                 let payload = try stream.read(length)
                 throw .peerAborted(String(decoding: payload, as: UTF8.self))
@@ -285,37 +276,6 @@ public final class MigrationReceiver: @unchecked Sendable {
         pagesReceived += UInt64(count)
     }
 
-    private func build(_ offer: MigrationOffer, snapshot: MachineSnapshot, memory: GuestMemory, options: RestoreOptions) throws(MigrationError) -> Machine {
-        let saved = offer.configuration
-        guard snapshot.vcpus.count == saved.cpuCount, snapshot.vcpus.enumerated().allSatisfy({ UInt32($0.offset) == $0.element.id }) else {
-            throw .protocolViolation("the state holds \(snapshot.vcpus.count) vCPU states for \(saved.cpuCount) vCPUs")
-        }
-        let paths = try checkedDiskPaths(snapshot, options: options)
-        let machine = try assemble(offer, disks: paths, memory: memory, options: options)
-        try place(snapshot, into: machine, memory: memory)
-        return machine
-    }
-
-    /// Where each disk is here, each checked to be the disk the source recorded when it closed it
-    /// at the switch-over.
-    private func checkedDiskPaths(_ snapshot: MachineSnapshot, options: RestoreOptions) throws(MigrationError) -> [String] {
-        let disks = snapshot.configuration.virtio.compactMap(\.disk)
-        var paths: [String] = []
-        do throws(SnapshotError) {
-            for (index, disk) in disks.enumerated() {
-                let path = (index < options.diskPaths.count ? options.diskPaths[index] : nil) ?? disk.path
-                let current = try DiskIdentity.current(path: path)
-                guard current == disk.identity else {
-                    throw SnapshotError.diskChanged(path: path, detail: "is not the disk the source flushed (here: \(current); the source: \(disk.identity))")
-                }
-                paths.append(path)
-            }
-        } catch {
-            throw .machine("\(error)")
-        }
-        return paths
-    }
-
     /// The disks, opened and checked (each file opened once: this is in the downtime).
     private func openCheckedDisks(_ snapshot: MachineSnapshot, options: RestoreOptions) throws(MigrationError) -> [any BlockBackend] {
         var opened: [any BlockBackend] = []
@@ -338,30 +298,24 @@ public final class MigrationReceiver: @unchecked Sendable {
                 }
             }
         } catch {
-            // Dropped without a close: a file that is not the expected disk is not written to.
-            for disk in opened { if let image = disk as? VHDXImage { image.abandon() } else { try? disk.close() } }
+            Self.drop(opened)
             throw error
         }
         return opened
     }
 
-    /// The machine the offer describes on placeholder disks (see ``PlaceholderDisk``).
+    /// Lets go of disks the machine will not use, without a close: a file that is not the
+    /// expected disk is not written to.
+    private static func drop(_ disks: [any BlockBackend]) {
+        for disk in disks { if let image = disk as? VHDXImage { image.abandon() } else { try? disk.close() } }
+    }
+
+    /// The machine the offer describes, on `memory`, not started and without its state; its
+    /// disks are placeholders (see ``PlaceholderDisk``).
     private func assemble(_ offer: MigrationOffer, placeholders: [PlaceholderDisk], memory: GuestMemory, options: RestoreOptions) throws(MigrationError) -> Machine {
         do throws(SnapshotError) {
             let configuration = try Machine.restoredConfiguration(offer.configuration, diskPaths: [], disks: placeholders, options: options,
                                                                   source: "the migration stream")
-            do throws(MachineError) { return try Machine(configuration, restoring: nil, incoming: memory) } catch {
-                throw SnapshotError.machine("\(error)")
-            }
-        } catch {
-            throw .machine("\(error)")
-        }
-    }
-
-    /// The machine the offer describes, on `memory`, not started and without its state.
-    private func assemble(_ offer: MigrationOffer, disks paths: [String], memory: GuestMemory, options: RestoreOptions) throws(MigrationError) -> Machine {
-        do throws(SnapshotError) {
-            let configuration = try Machine.restoredConfiguration(offer.configuration, diskPaths: paths, options: options, source: "the migration stream")
             do throws(MachineError) { return try Machine(configuration, restoring: nil, incoming: memory) } catch {
                 throw SnapshotError.machine("\(error)")
             }
