@@ -17,15 +17,23 @@ public final class ControlEvents: @unchecked Sendable {
 
     deinit { if fd >= 0 { close(fd) } }
 
-    /// Sends one event line; a client that went away is ignored (MSG_NOSIGNAL: never SIGPIPE).
+    /// Sends one event line; a client that went away is ignored.
     public func send(_ name: String, _ data: [(String, JSONValue)]) {
         guard fd >= 0 else { return }
-        let line = Array((JSONValue.object([("event", .string(name)), ("data", .object(data))]).rendered() + "\n").utf8)
-        var done = 0
-        while done < line.count {
-            let sent = line.withUnsafeBytes { Glibc.send(fd, $0.baseAddress! + done, $0.count - done, Int32(MSG_NOSIGNAL)) }
-            if sent < 0 { if errno == EINTR { continue } else { return } }
-            done += sent
-        }
+        sendAll(fd, Array((JSONValue.object([("event", .string(name)), ("data", .object(data))]).rendered() + "\n").utf8))
     }
+}
+
+/// Sends all of `bytes` on the socket `fd`, retrying short sends and EINTR. MSG_NOSIGNAL: a peer
+/// that went away is a failure (false, `errno` set), never a SIGPIPE that ends the process.
+@discardableResult
+func sendAll(_ fd: Int32, _ bytes: [UInt8]) -> Bool {
+    var done = 0
+    while done < bytes.count {
+        let sent = bytes.withUnsafeBytes { Glibc.send(fd, $0.baseAddress! + done, $0.count - done, Int32(MSG_NOSIGNAL)) }
+        if sent < 0, errno == EINTR { continue }
+        guard sent > 0 else { return false }
+        done += sent
+    }
+    return true
 }

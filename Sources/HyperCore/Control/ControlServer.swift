@@ -197,14 +197,8 @@ public final class ControlServer: @unchecked Sendable {
     }
 
     private func send(_ value: JSONValue, to client: Client) {
-        let line = Array((value.rendered() + "\n").utf8)
-        var done = 0
-        while done < line.count {
-            // MSG_NOSIGNAL: a client that went away must not kill hvrun with SIGPIPE.
-            let sent = line.withUnsafeBytes { Glibc.send(client.fd, $0.baseAddress! + done, $0.count - done, Int32(MSG_NOSIGNAL)) }
-            if sent < 0 { if errno == EINTR { continue } else { return } }
-            done += sent
-        }
+        // A client that went away is dropped by the next read, never a SIGPIPE.
+        sendAll(client.fd, Array((value.rendered() + "\n").utf8))
     }
 
     static func error(_ errorClass: String, _ description: String, id: JSONValue?) -> JSONValue {

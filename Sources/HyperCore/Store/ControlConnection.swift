@@ -26,15 +26,8 @@ public final class ControlConnection {
     public func execute(_ verb: String, arguments: [(String, JSONValue)] = [], timeoutSeconds: Double = 30) throws(StoreError) -> JSONValue {
         var request: [(String, JSONValue)] = [("execute", .string(verb))]
         if !arguments.isEmpty { request.append(("arguments", .object(arguments))) }
-        let line = Array((JSONValue.object(request).rendered() + "\n").utf8)
-        var done = 0
-        while done < line.count {
-            let sent = line.withUnsafeBytes { send(fd, $0.baseAddress! + done, $0.count - done, Int32(MSG_NOSIGNAL)) }
-            if sent < 0 {
-                if errno == EINTR { continue }
-                throw .system(operation: "send", path: path, errno: errno)
-            }
-            done += sent
+        guard sendAll(fd, Array((JSONValue.object(request).rendered() + "\n").utf8)) else {
+            throw .system(operation: "send", path: path, errno: errno)
         }
         let reply = try readReply(timeoutSeconds: timeoutSeconds)
         if let result = reply["return"] { return result }

@@ -187,13 +187,7 @@ public final class VMConsoleServer: ConsoleOutput, @unchecked Sendable {
         for path in [logPath, logPath + ".1"] where tail.count < Self.replayBytes {
             tail = Self.lastBytes(of: path, count: Self.replayBytes - tail.count) + tail
         }
-        var done = 0
-        while done < tail.count {
-            let sent = tail[done...].withUnsafeBytes { send(fd, $0.baseAddress, $0.count, Int32(MSG_NOSIGNAL)) }
-            if sent < 0, errno == EINTR { continue }
-            guard sent > 0 else { return }
-            done += sent
-        }
+        sendAll(fd, tail)
     }
 
     /// The last `count` bytes of the file at `path` (fewer when it is shorter; none when absent).
