@@ -51,10 +51,6 @@ struct StorageCopyPlan {
 
     /// Re-points each copied differencing disk in `pairs` at its copied parent, in `bundle`.
     static func reparent(_ pairs: [(child: String, parent: String)], in bundle: VMBundle) throws(MigrationError) {
-        for (child, parent) in pairs {
-            do throws(VHDXError) { try VHDXImage.reparent(childPath: bundle.file(child), to: bundle.file(parent)) } catch {
-                throw .machine("re-pointing the copied \(child) at \(parent): \(error)")
-            }
-        }
+        do throws(StoreError) { try VMRelocation.reparent(pairs, under: bundle.path) } catch { throw .machine("\(error)") }
     }
 }

@@ -90,10 +90,8 @@ final class BundleStorageMove: Sendable {
                 do throws(StoreError) { try StoreFiles.copy(file, to: destination) } catch { throw .failed("copying \(file): \(error)") }
             }
             let copied = Set(created)
-            for (child, parent) in plan.reparent where copied.contains(child) {
-                do throws(VHDXError) { try VHDXImage.reparent(childPath: child, to: parent) } catch {
-                    throw .failed("re-pointing \(child) at \(parent): \(error)")
-                }
+            do throws(StoreError) { try VMRelocation.reparent(plan.reparent.filter { copied.contains($0.child) }) } catch {
+                throw .failed(error.description)
             }
             CrashPoint.reach("storage-move-copied")
             // The files the guest writes: copied live and switched.

@@ -64,11 +64,7 @@ extension VMStore {
                 try StoreFiles.makeDirectories(staging + "/" + relative.split(separator: "/").dropLast().joined(separator: "/"))
                 try StoreFiles.copy(file, to: staging + "/" + relative)
             }
-            for (child, parent) in plan.reparent {
-                do throws(VHDXError) { try VHDXImage.reparent(childPath: staging + "/" + child, to: staging + "/" + parent) } catch {
-                    throw .failed("re-pointing the exported \(child) at \(parent): \(error)")
-                }
-            }
+            try VMRelocation.reparent(plan.reparent, under: staging)
             var exported = plan.configuration
             try StoreFiles.copy(source.file(configuration.boot.kernel), to: staging + "/" + configuration.boot.kernel)
             if let initrd = configuration.boot.initrd { try StoreFiles.copy(source.file(initrd), to: staging + "/" + initrd) }
@@ -235,6 +231,17 @@ public struct VMRelocation: Sendable {
     public var reparent: [(child: String, parent: String)] = []
     /// The configuration with every disk path as it will be.
     public var configuration: VMConfiguration
+
+    /// Re-points each copied differencing disk in `pairs` at its copied parent, in order (the
+    /// order of ``reparent``: parents first); relative paths are taken under `root`.
+    public static func reparent(_ pairs: [(child: String, parent: String)], under root: String? = nil) throws(StoreError) {
+        for (child, parent) in pairs {
+            let childPath = root.map { $0 + "/" + child } ?? child, parentPath = root.map { $0 + "/" + parent } ?? parent
+            do throws(VHDXError) { try VHDXImage.reparent(childPath: childPath, to: parentPath) } catch {
+                throw .failed("re-pointing the copied \(child) at \(parent): \(error)")
+            }
+        }
+    }
 
     public init(bundle: VMBundle, configuration: VMConfiguration, into directory: String? = nil) throws(StoreError) {
         let graph = try DiskGraph(bundle: bundle, configuration: configuration)
