@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # Live migration, hvrun and QEMU 7.2 side by side in one run (see migration.py for the cases and
-# what is measured). Environment: HVRUN (default .build/release/hvrun), REPEAT (3), CASES,
+# what is measured). Environment: HVRUN (default .build-static/release/hvrun, the fully static
+# release build Scripts/install.sh makes and installs: the build a user gets), REPEAT (3), CASES,
 # MAX_DOWNTIME (hvrun's --max-downtime, default 10 ms).
 # stdout: one JSON line per run; stderr at the end: a Markdown table of medians.
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 root=$(cd "$here/../.." && pwd)
-hvrun=${HVRUN:-$root/.build/release/hvrun}
+hvrun=${HVRUN:-$root/.build-static/release/hvrun}
 command -v qemu-system-x86_64 >/dev/null || { echo "qemu-system-x86_64 is not installed (apt-get install qemu-system-x86)" >&2; exit 1; }
-[ -x "$hvrun" ] || { echo "no hvrun at $hvrun (swift build -c release, or set HVRUN)" >&2; exit 1; }
+[ -x "$hvrun" ] || { echo "no hvrun at $hvrun (Scripts/install.sh --build-only, or set HVRUN)" >&2; exit 1; }
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 make -s -C "$root/Tests/Guests" OUT="$out" "$out/stateful.elf" >&2

@@ -291,6 +291,11 @@ struct VMReceiveCommand: ParsableCommand {
             let names = Set(offer.files.map(\.name))
             try StorageCopyPlan.reparent(reparent.filter { names.contains($0.child) }, in: bundle)
             try StoreFiles.writeAtomically(bundle.configurationPath, Array(try configuration.encoded().utf8))
+            // The VM process reads on from the socket: nothing may be left in this stream's buffer
+            // (the sender waits for `ready` after the files, so a byte here breaks the protocol).
+            guard stream.bufferedByteCount == 0 else {
+                throw MigrationError.protocolViolation("the sender sent \(stream.bufferedByteCount) bytes before the destination said ready")
+            }
         } catch {
             stream.abort("\(error)")
             throw error

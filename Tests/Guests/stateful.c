@@ -20,7 +20,9 @@
  * about 100 Hz), blk=1, con=1, mmio=1 (virtio-mmio through
  * virtio_mmio.device=, else virtio-pci), cpus=N (1), touch=MIB (writes one
  * qword in every 4 KiB page of MIB MiB at 64 MiB once at start, so that a
- * snapshot carries that much non-zero RAM), dirty=N (writes N pages a timer tick
+ * snapshot carries that much non-zero RAM), dense=MIB (fills every page of MIB
+ * MiB at 32 MiB whole with one value per page at start, with `rep stosq`, so
+ * that a migration has that much memory no encoding shrinks), dirty=N (writes N pages a timer tick
  * across dirtymb=MIB MiB at 128 MiB, default 64: each page's first qword is
  * checked to hold what the guest last wrote there before the new value goes
  * in, so a page a migration lost or sent stale is caught; at the end every
@@ -28,7 +30,7 @@
  *
  * Output (COM1): `stateful steps=N cpus=N blk=B con=C`, `touch=MIB` (with
  * touch), then `step=k` per step; at the end `pages_ok=N`, `disk_ok=N`
- * (blk), `touched_ok=PAGES` (touch), `dirty_ok=WRITES` (dirty), `uart_irqs=N`, `aps_ok=N-1` (cpus>1),
+ * (blk), `touched_ok=PAGES` (touch), `dense_ok=PAGES` (dense), `dirty_ok=WRITES` (dirty), `uart_irqs=N`, `aps_ok=N-1` (cpus>1),
  * `result=0x<hash of steps, page and sector contents>`; timing-dependent
  * lines start with `info `. Debug exit 0x41, or `error=…` and 0x7F.
  */
@@ -60,6 +62,7 @@
 #define VEC_SPURIOUS	0xff
 
 #define PAGES_BASE	(16ul << 20)	/* page k (1..steps) of the marked region */
+#define DENSE_BASE	(32ul << 20)	/* up to 32 MiB, below TOUCH_BASE */
 #define TOUCH_BASE	(64ul << 20)
 #define DIRTY_BASE	(128ul << 20)
 #define MAX_STEPS	4096		/* the marked region ends below TOUCH_BASE */
@@ -77,6 +80,7 @@
 #define SEED_SECTOR	0x5354415445445331ul
 #define SEED_TOUCH	0x5354415445545531ul
 #define SEED_DIRTY	0x5354415445445931ul
+#define SEED_DENSE	0x5354415445444e31ul
 
 #define cli() __asm__ volatile("cli" ::: "memory")
 /* Sleeps until an interrupt has been handled; interrupts stay off otherwise. */
@@ -377,13 +381,14 @@ void guest_main(struct hvm_start_info *si)
 
 	u64 steps = arg("steps", 40, MAX_STEPS), per_step = arg("ticks", 5, 1000);
 	u64 blk = arg("blk", 0, 1), con = arg("con", 0, 1), mmio = arg("mmio", 0, 1);
-	u64 cpus = arg("cpus", 1, MAX_CPUS), touch = arg("touch", 0, 4096);
+	u64 cpus = arg("cpus", 1, MAX_CPUS), touch = arg("touch", 0, 4096), dense = arg("dense", 0, 32);
 	dirty_per_tick = arg("dirty", 0, 65536);
 	dirty_pages = arg("dirtymb", 64, 1u << 20) << 8;
 	if (!steps || !per_step || !cpus)
 		fail("steps, ticks and cpus must be at least 1");
 	u64 ram_end = pvh_ram_bytes(si) + (1ul << 20);	/* roughly: RAM starts at 0 and 1 MiB */
 	if (PAGES_BASE + (steps + 1) * 4096 > ram_end || (touch && TOUCH_BASE + (touch << 20) > ram_end)
+	    || (dense && DENSE_BASE + (dense << 20) > ram_end)
 	    || (dirty_per_tick && (DIRTY_BASE + dirty_pages * 4096 > ram_end || !dirty_pages)))
 		fail("not enough RAM");
 	printf("stateful steps=%lu cpus=%lu blk=%lu con=%lu\n", steps, cpus, blk, con);
@@ -404,6 +409,14 @@ void guest_main(struct hvm_start_info *si)
 		for (u64 p = 0; p < touch << 8; p++)
 			*(volatile u64 *)(TOUCH_BASE + p * 4096) = pattern(SEED_TOUCH, p, 0);
 		printf("touch=%lu\n", touch);
+	}
+	if (dense) {
+		for (u64 p = 0; p < dense << 8; p++) {
+			u64 value = pattern(SEED_DENSE, p, 0), count = 512;
+			void *to = (void *)(DENSE_BASE + p * 4096);
+			__asm__ volatile("rep stosq" : "+D"(to), "+c"(count) : "a"(value) : "memory");
+		}
+		printf("dense=%lu\n", dense);
 	}
 
 	if (blk) {
@@ -495,6 +508,19 @@ void guest_main(struct hvm_start_info *si)
 			h = mix(h, v);
 		}
 		printf("touched_ok=%lu\n", touch << 8);
+	}
+	if (dense) {
+		for (u64 p = 0; p < dense << 8; p++) {
+			u64 value = pattern(SEED_DENSE, p, 0), count = 512;
+			const void *at = (const void *)(DENSE_BASE + p * 4096);
+			u8 same;
+			__asm__ volatile("repe scasq; sete %2" : "+D"(at), "+c"(count), "=q"(same) : "a"(value) : "memory", "cc");
+			if (!same) {
+				printf("error=dense page=%lu qword=%lu\n", p, 511 - count);
+				debug_exit(EXIT_FAILURE);
+			}
+		}
+		printf("dense_ok=%lu\n", dense << 8);
 	}
 	if (dirty_per_tick) {
 		for (u64 p = 0; p < dirty_pages; p++) {

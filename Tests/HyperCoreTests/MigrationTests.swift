@@ -141,6 +141,115 @@ struct MigrationProtocolTests {
         #expect(targetInfo.st_blocks <= sourceInfo.st_blocks + 256, "\(targetInfo.st_blocks * 512) bytes allocated for \(sourceInfo.st_blocks * 512)")
     }
 
+    /// Pages as a guest leaves them: words set at random places, from one word to a full page.
+    static func sparsePage(words: Int) -> [UInt64] {
+        var page = [UInt64](repeating: 0, count: 512)
+        for _ in 0..<words { page[Int.random(in: 0..<512)] = UInt64.random(in: 1...UInt64.max) }
+        return page
+    }
+
+    @Test("page runs: every sparse page round-trips over a page that held something else; dense pages stay whole")
+    func pageRuns() {
+        let output = UnsafeMutableRawPointer.allocate(byteCount: PageEncoding.maximumRunsSize, alignment: 8)
+        defer { output.deallocate() }
+        // Up to 80 words always fit (80 runs of one word: 960 bytes); 150 words never do (1,200 bytes of data).
+        var sparse = (0..<300).map { _ in Self.sparsePage(words: Int.random(in: 1...80)) }
+        var edges = [UInt64](repeating: 0, count: 512)
+        edges[0] = 1
+        edges[511] = .max
+        sparse.append(edges)
+        let dense = (0..<20).map { _ in Self.sparsePage(words: 400) } + [(0..<512).map { _ in UInt64.random(in: 1...UInt64.max) }]
+        for page in sparse {
+            let size = page.withUnsafeBytes { PageEncoding.encodeRuns($0.baseAddress!, into: output) }
+            let nonZero = page.filter { $0 != 0 }.count
+            guard let size else {
+                Issue.record("a page of \(nonZero) non-zero words was not encoded as runs")
+                continue
+            }
+            #expect(size <= PageEncoding.maximumRunsSize && size >= nonZero * 8 + 4)
+            var rebuilt = (0..<512).map { _ in UInt64.random(in: 0...UInt64.max) }
+            let problem = rebuilt.withUnsafeMutableBytes {
+                PageEncoding.decodeRuns(UnsafeRawBufferPointer(start: output, count: size), into: $0.baseAddress!)
+            }
+            let same = rebuilt == page
+            #expect(problem == nil && same)
+        }
+        for page in dense {
+            let size = page.withUnsafeBytes { PageEncoding.encodeRuns($0.baseAddress!, into: output) }
+            #expect(size == nil, "a dense page became \(size ?? 0) bytes of runs")
+        }
+    }
+
+    @Test("page runs: overlapping, backwards, unaligned, empty, oversized or cut-off runs are refused and the page is left alone")
+    func hostilePageRuns() {
+        func run(_ offset: Int, _ length: Int, data: Int? = nil) -> [UInt8] {
+            var bytes: [UInt8] = []
+            withUnsafeBytes(of: (UInt32(offset) | UInt32(length) << 16).littleEndian) { bytes += $0 }
+            return bytes + [UInt8](repeating: 0xAB, count: data ?? length)
+        }
+        let hostile: [(String, [UInt8])] = [
+            ("past the page", run(4088, 16)),
+            ("overlapping", run(0, 16) + run(8, 8)),
+            ("backwards", run(64, 8) + run(0, 8)),
+            ("unaligned offset", run(3, 8)),
+            ("unaligned length", run(0, 12)),
+            ("empty", run(0, 0)),
+            ("cut-off data", run(0, 64, data: 10)),
+            ("cut-off header", run(0, 8) + [1, 2]),
+            ("too long", [UInt8](repeating: 0, count: PageEncoding.maximumRunsSize + 4)),
+        ]
+        for (name, bytes) in hostile {
+            var page = [UInt8](repeating: 0x5A, count: 4096)
+            let problem = bytes.withUnsafeBytes { runs in
+                page.withUnsafeMutableBytes { PageEncoding.decodeRuns(runs, into: $0.baseAddress!) }
+            }
+            #expect(problem != nil, "\(name) was accepted")
+            #expect(page.allSatisfy { $0 == 0x5A }, "\(name) wrote into the page")
+        }
+    }
+
+    @Test("a memory section whose table lies (encoding, sizes, address, length) or whose runs are bad is refused")
+    func hostileMemorySections() throws {
+        let memory = try GuestMemory(size: 1 << 20)
+        func entry(_ address: UInt64, _ encoding: UInt32, _ size: UInt32) -> [UInt8] {
+            var bytes: [UInt8] = []
+            withUnsafeBytes(of: address.littleEndian) { bytes += $0 }
+            withUnsafeBytes(of: (UInt64(encoding) | UInt64(size) << 32).littleEndian) { bytes += $0 }
+            return bytes
+        }
+        let count: [UInt8] = [1, 0, 0, 0, 0, 0, 0, 0]
+        let goodRuns: [UInt8] = [8, 0, 8, 0, 1, 2, 3, 4, 5, 6, 7, 8]
+        let cases: [(String, [UInt8], String)] = [
+            ("unknown encoding", count + entry(0x1000, 7, 0), "encoding 7"),
+            ("raw page of the wrong size", count + entry(0x1000, 0, 100) + [UInt8](repeating: 1, count: 100), "encoding 0"),
+            ("zero page with data", count + entry(0x1000, 1, 8) + [UInt8](repeating: 1, count: 8), "encoding 1"),
+            ("runs too long", count + entry(0x1000, 2, 2000) + [UInt8](repeating: 1, count: 2000), "encoding 2"),
+            ("page outside RAM", count + entry(2 << 20, 2, 12) + goodRuns, "not guest RAM"),
+            ("length that disagrees", count + entry(0x1000, 2, 12) + goodRuns + [0], "bytes of pages"),
+            ("runs past the page", count + entry(0x1000, 2, 12) + [0xF8, 0x0F, 16, 0, 1, 2, 3, 4, 5, 6, 7, 8], "runs of page 0x1000"),
+        ]
+        for (name, payload, message) in cases {
+            let (a, b, done) = Self.pair()
+            defer { done() }
+            try a.send(.memory, payload)
+            let (type, length, crc) = try b.receiveHeader()
+            #expect(type == .memory)
+            #expect("\(name)", performing: {
+                try MigrationReceiver(stream: b).receivePages(length: length, crc: crc, into: memory)
+            }, throws: { error in
+                "\(error)".contains(message)
+            })
+        }
+        // A good section lands: the page holds the run and zeros around it.
+        let (a, b, done) = Self.pair()
+        defer { done() }
+        try a.send(.memory, count + entry(0x3000, 2, 12) + goodRuns)
+        let (_, length, crc) = try b.receiveHeader()
+        try MigrationReceiver(stream: b).receivePages(length: length, crc: crc, into: memory)
+        let page = UnsafeRawBufferPointer(start: memory.pointer(at: 0x3000, count: 4096)!, count: 4096)
+        #expect(Array(page[8..<16]) == [1, 2, 3, 4, 5, 6, 7, 8] && page[0..<8].allSatisfy { $0 == 0 } && page[16...].allSatisfy { $0 == 0 })
+    }
+
     @Test("a peer of another protocol version is refused, naming both versions")
     func version() throws {
         let (a, b, done) = Self.pair()

@@ -110,7 +110,25 @@ public final class MigrationReceiver: @unchecked Sendable {
     /// here).
     public var disksCopied: (() throws(MigrationError) -> Void)?
 
+    /// Where the destination's part of the downtime went (nanoseconds each, in order): reading
+    /// the final pages and the state (`receive`), decoding it (`decode_state`), completing and
+    /// opening the disks (`disks`), checking the state against the machine (`check_state`),
+    /// putting it into the vCPUs and devices (`start_paused`). Sent to the source with `prepared`.
+    public private(set) var switchOverPhases: [(String, UInt64)] = []
+    private var phaseMark: UInt64 = 0
+
+    private func phase(_ name: String) {
+        let now = monotonicNanoseconds()
+        switchOverPhases.append((name, now - phaseMark))
+        phaseMark = now
+    }
+
+    /// Where a page's runs are read before they are checked and spread over the page.
+    private let runScratch = UnsafeMutableRawPointer.allocate(byteCount: PageEncoding.maximumRunsSize, alignment: 8)
+
     public init(stream: MigrationStream) { self.stream = stream }
+
+    deinit { runScratch.deallocate() }
 
     public func authenticate(token: String) throws(MigrationError) {
         try stream.sendPreamble()
@@ -158,13 +176,16 @@ public final class MigrationReceiver: @unchecked Sendable {
         }
     }
 
-    /// Builds the machine's RAM, says `ready`, receives pre-copy and the switch-over's sections,
+    /// Builds the machine's RAM, says `ready`, builds the machine, receives pre-copy and the switch-over's sections,
     /// and returns the machine with its state in place (not started). Disks are opened (from
     /// `options.diskPaths`) only once the state has arrived: the source has closed them then.
     public func receiveMachine(_ offer: MigrationOffer, options: RestoreOptions) throws(MigrationError) -> Machine {
         let saved = offer.configuration
         let memory: GuestMemory
         do throws(GuestMemoryError) { memory = try GuestMemory(size: saved.memorySize) } catch { throw .machine("\(error)") }
+        // `ready` goes now, not after the build below: the sender turns dirty logging on and
+        // starts its first pass meanwhile, which socket buffers take until this thread reads.
+        try stream.send(.ready, json: .object([]))
         // The machine (KVM VM, irqchip, devices) is built now, off the downtime; its disks are
         // placeholders until the source has closed them (the state has arrived), then the real
         // files are checked and put in their place.
@@ -181,7 +202,6 @@ public final class MigrationReceiver: @unchecked Sendable {
             }
             copies = try DiskMirrorTarget(paths: paths)
         }
-        try stream.send(.ready, json: .object([]))
         while true {
             let (type, length, crc) = try stream.receiveHeader()
             switch type {
@@ -192,6 +212,8 @@ public final class MigrationReceiver: @unchecked Sendable {
                 let payload = try stream.read(length)
                 guard MigrationStream.crc(payload) == crc else { throw .protocolViolation("pass section payload checksum mismatch") }
                 try stream.send(.pass, json: .object([("pages", .number(Int64(pagesReceived)))]))
+                // The guest pauses at the source about now: the downtime's phases start here.
+                phaseMark = monotonicNanoseconds()
             case .disk:
                 guard let copies else { throw .protocolViolation("a disk section with shared storage") }
                 guard length <= 24 + MigrationStream.chunkSize else { throw .protocolViolation("a disk section of \(length) bytes") }
@@ -202,6 +224,7 @@ public final class MigrationReceiver: @unchecked Sendable {
             case .state:
                 let payload = try stream.read(length)
                 guard MigrationStream.crc(payload) == crc else { throw .protocolViolation("state section payload checksum mismatch") }
+                phase("receive")
                 let snapshot: MachineSnapshot
                 do {
                     snapshot = try StateCoder.decode(MachineSnapshot.self, from: try JSONValue.parse(payload))
@@ -211,6 +234,7 @@ public final class MigrationReceiver: @unchecked Sendable {
                 guard Self.sameMachine(snapshot.configuration, saved) else {
                     throw .protocolViolation("the machine state describes another machine than the offer")
                 }
+                phase("decode_state")
                 let complete = try stream.receiveJSON(.complete)
                 guard complete["pages"]?.int64Value == Int64(pagesReceived) else {
                     throw .protocolViolation("the sender sent \(complete["pages"]?.rendered() ?? "?") pages, \(pagesReceived) arrived")
@@ -227,7 +251,9 @@ public final class MigrationReceiver: @unchecked Sendable {
                         throw .machine("disk \(index): \(error)")
                     }
                 }
+                phase("disks")
                 try place(snapshot, into: machine, memory: memory)
+                phase("check_state")
                 return machine
             case .abort:
                 let payload = try stream.read(length)
@@ -238,38 +264,55 @@ public final class MigrationReceiver: @unchecked Sendable {
         }
     }
 
-    private func receivePages(length: Int, crc expected: UInt32, into memory: GuestMemory) throws(MigrationError) {
+    func receivePages(length: Int, crc expected: UInt32, into memory: GuestMemory) throws(MigrationError) {
         guard length >= 8 else { throw .protocolViolation("a memory section of \(length) bytes") }
         let head = try stream.read(8)
         let count = Int(stream.load(UInt32.self, head, 0))
         guard count >= 1, count <= MigrationStream.pagesPerSection, stream.load(UInt32.self, head, 4) == 0 else {
             throw .protocolViolation("a memory section announcing \(count) pages")
         }
-        let table = try stream.read(8 * count)
+        let table = try stream.read(16 * count)
         var crc = MigrationStream.crc(table, MigrationStream.crc(head))
-        var targets: [(UnsafeMutableRawPointer, Bool)] = []
-        var dataPages = 0
+        var targets: [(address: UInt64, pointer: UnsafeMutableRawPointer, encoding: PageEncoding, size: Int)] = []
+        var payload = 0
         for i in 0..<count {
-            let entry = stream.load(UInt64.self, table, 8 * i)
-            let address = entry & ~UInt64(0xFFF)
-            guard entry & 0xFFE == 0, let pointer = memory.pointer(at: address, count: MigrationStream.pageSize) else {
+            let entry = stream.load(UInt64.self, table, 16 * i)
+            let form = stream.load(UInt32.self, table, 16 * i + 8)
+            let size = Int(stream.load(UInt32.self, table, 16 * i + 12))
+            guard entry & 0xFFF == 0, let pointer = memory.pointer(at: entry, count: MigrationStream.pageSize) else {
                 throw .protocolViolation("a page entry 0x\(String(entry, radix: 16)) that is not guest RAM")
             }
-            let zero = entry & 1 != 0
-            if !zero { dataPages += 1 }
-            targets.append((pointer, zero))
+            let encoding = PageEncoding(rawValue: form)
+            let sizeFits = switch encoding {
+            case .raw: size == MigrationStream.pageSize
+            case .zero: size == 0
+            case .runs: size > 0 && size <= PageEncoding.maximumRunsSize
+            case nil: false
+            }
+            guard let encoding, sizeFits else {
+                throw .protocolViolation("page 0x\(String(entry, radix: 16)) in encoding \(form) with \(size) bytes")
+            }
+            payload += size
+            targets.append((entry, pointer, encoding, size))
         }
-        guard length == 8 + 8 * count + dataPages * MigrationStream.pageSize else {
-            throw .protocolViolation("a memory section of \(length) bytes for \(count) entries with \(dataPages) pages of data")
+        guard length == 8 + 16 * count + payload else {
+            throw .protocolViolation("a memory section of \(length) bytes for \(count) entries with \(payload) bytes of pages")
         }
         // The guest is not running here: pages go straight into its RAM, and a checksum mismatch
         // fails the whole migration before any vCPU runs.
-        for (pointer, zero) in targets {
-            if zero {
+        for (address, pointer, encoding, size) in targets {
+            switch encoding {
+            case .zero:
                 pointer.initializeMemory(as: UInt8.self, repeating: 0, count: MigrationStream.pageSize)
-            } else {
-                try stream.read(into: pointer, MigrationStream.pageSize)
-                crc = MigrationStream.crc(pointer, MigrationStream.pageSize, crc)
+            case .raw:
+                try stream.read(into: pointer, size)
+                crc = MigrationStream.crc(pointer, size, crc)
+            case .runs:
+                try stream.read(into: runScratch, size)
+                crc = MigrationStream.crc(runScratch, size, crc)
+                if let problem = PageEncoding.decodeRuns(UnsafeRawBufferPointer(start: runScratch, count: size), into: pointer) {
+                    throw .protocolViolation("the runs of page 0x\(String(address, radix: 16)): \(problem)")
+                }
             }
         }
         guard crc == expected else { throw .protocolViolation("memory section payload checksum mismatch") }
@@ -359,8 +402,10 @@ public final class MigrationReceiver: @unchecked Sendable {
             stream.abort("the destination cannot start the machine: \(error)")
             throw .machine("starting the machine: \(error)")
         }
+        phase("start_paused")
         do throws(MigrationError) {
-            try stream.send(.prepared, json: .object([]))
+            let phases = switchOverPhases.map { ($0.0, JSONValue.double(Double($0.1 / 1000) / 1000)) }
+            try stream.send(.prepared, json: .object([("phases_ms", .object(phases))]))
             _ = try stream.receive(.go)
             try commit()
         } catch {

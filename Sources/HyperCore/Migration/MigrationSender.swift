@@ -52,6 +52,8 @@ public struct MigrationProgress: Sendable {
     public var dirtyPages = 0
     /// Auto-converge's current vCPU throttle.
     public var throttlePercent = 0
+    /// Guest memory (and disk) moved per second, a page counting 4 KiB however it was encoded:
+    /// the rate that says how long a dirty set takes to send.
     public var bandwidthBytesPerSecond: Double = 0
     public var elapsedSeconds: Double = 0
 }
@@ -63,6 +65,8 @@ public struct MigrationReport: Sendable {
     public var bytesSent: UInt64 = 0
     public var pagesSent: UInt64 = 0
     public var zeroPagesSent: UInt64 = 0
+    /// Pages sent as their non-zero runs (``PageEncoding/runs``).
+    public var runPagesSent: UInt64 = 0
     /// Pages sent while the guest was paused.
     public var finalPages = 0
     /// Bytes of disk sent (storage copy).
@@ -78,6 +82,13 @@ public struct MigrationReport: Sendable {
     /// encoded), `send_state`, `prepared` (the destination checked and started the machine),
     /// `running` (go → the destination's confirmation); nanoseconds each.
     public var switchOverPhases: [(String, UInt64)] = []
+    /// Where the time before the pause went, in order: `handshake` (preambles, token, offer,
+    /// files), `ready` (the destination starting its VM process, if any, and building RAM), `dirty_logging`,
+    /// `precopy` (every pass, acknowledged); nanoseconds each.
+    public var phases: [(String, UInt64)] = []
+    /// The destination's own account of its part (``MigrationReceiver/switchOverPhases``), from
+    /// the source's `pass` acknowledgement to `prepared`; nanoseconds each.
+    public var destinationPhases: [(String, UInt64)] = []
 }
 
 /// The source side of a live migration over any connected stream (``MigrationStream``).
@@ -159,18 +170,29 @@ public final class MigrationSender: @unchecked Sendable {
                 throw .machine("the machine is \(machine.runState.rawValue); only a running or paused machine can move")
             }
             defer { mirrors.forEach { $0.changes.stop() } }
+            var stepMark = started
+            func step(_ name: String) {
+                let now = monotonicNanoseconds()
+                report.phases.append((name, now - stepMark))
+                stepMark = now
+            }
             try handshake()
+            step("handshake")
+            // The destination builds RAM before it says ready (the machine after).
+            _ = try stream.receiveJSON(.ready)
+            step("ready")
             do throws(KVMError) { try machine.setDirtyLogging(true) } catch {
                 throw .machine("cannot turn on dirty-page logging: \(error)")
             }
             logging = true
+            step("dirty_logging")
             update { $0.phase = .precopy }
             try precopy(&report)
             // Drain: the receiver may still be working through the last passes (socket buffers
             // hold megabytes). Waiting for its acknowledgement here, while the guest runs, keeps
             // that backlog out of the pause.
-            try stream.send(.pass, json: .object([("passes", .number(Int64(report.passes)))]))
-            _ = try stream.receiveJSON(.pass)
+            try acknowledgedPass(report)
+            step("precopy")
             // Switch-over.
             update { $0.phase = .switchover }
             let pauseStart = monotonicNanoseconds()
@@ -212,8 +234,11 @@ public final class MigrationSender: @unchecked Sendable {
             if options.storage == .copy { complete.append(("disks", .array(mirrors.map { $0.finalDescription() }))) }
             try stream.send(.complete, json: .object(complete))
             phase("send_state")
-            _ = try stream.receiveJSON(.prepared)
+            let prepared = try stream.receiveJSON(.prepared)
             phase("prepared")
+            if case let .object(phases)? = prepared["phases_ms"] {
+                report.destinationPhases = phases.compactMap { name, value in value.doubleValue.map { (name, UInt64(max(0, $0) * 1e6)) } }
+            }
             try stream.send(.go, [])
             goSent = true
             let running = try stream.receiveJSON(.running)
@@ -339,7 +364,6 @@ public final class MigrationSender: @unchecked Sendable {
         for (index, file) in options.files.enumerated() {
             try sendFile(index: index, path: file.path, size: sizes[index])
         }
-        _ = try stream.receiveJSON(.ready)
     }
 
     private func sendFile(index: Int, path: String, size: UInt64) throws(MigrationError) {
@@ -380,11 +404,13 @@ public final class MigrationSender: @unchecked Sendable {
     private func precopy(_ report: inout MigrationReport) throws(MigrationError) {
         var bandwidth: Double = 1e9   // bytes/s, until measured
         var passStart = monotonicNanoseconds()
-        let firstBytes = stream.bytesSent
+        var before = moved(report)
         for mirror in mirrors { report.diskBytesSent += try mirror.sendAll(stream, staging) }
         try sendPages(touchedPages(), skipZero: true, &report)
         report.passes = 1
-        bandwidth = measure(bytes: stream.bytesSent - firstBytes, since: passStart, previous: bandwidth)
+        try acknowledgedPass(report)
+        bandwidth = measure(bytes: moved(report) - before, since: passStart, previous: bandwidth)
+        report.bandwidthBytesPerSecond = bandwidth
         var previousDirty = Int.max
         var throttle = 0
         update { $0.pass = 1; $0.bandwidthBytesPerSecond = bandwidth }
@@ -409,15 +435,31 @@ public final class MigrationSender: @unchecked Sendable {
             }
             previousDirty = dirty.count
             passStart = monotonicNanoseconds()
-            let before = stream.bytesSent
+            before = moved(report)
             try sendPages(dirty, skipZero: false, &report)
             for mirror in mirrors { report.diskBytesSent += try mirror.sendChanged(stream, staging) }
             report.passes += 1
-            bandwidth = measure(bytes: stream.bytesSent - before, since: passStart, previous: bandwidth)
+            try acknowledgedPass(report)
+            bandwidth = measure(bytes: moved(report) - before, since: passStart, previous: bandwidth)
             report.bandwidthBytesPerSecond = bandwidth
             let pass = report.passes
             update { $0.pass = pass; $0.throttlePercent = throttle; $0.bandwidthBytesPerSecond = bandwidth; $0.pagesSent = report.pagesSent }
         }
+    }
+
+    /// Ends a pass: waits until the receiver has placed everything sent so far. A pass's rate
+    /// is then what reached the destination's RAM, not what fitted into socket buffers (which
+    /// hold tens of thousands of pages sent as runs), and the pause never starts with a backlog.
+    private func acknowledgedPass(_ report: MigrationReport) throws(MigrationError) {
+        try stream.send(.pass, json: .object([("passes", .number(Int64(report.passes)))]))
+        _ = try stream.receiveJSON(.pass)
+    }
+
+    /// Guest bytes moved so far: pages at 4 KiB each, however they were encoded, and disk bytes.
+    /// Rates come from this, not from the stream's bytes, since what matters is how long a
+    /// dirty set of N pages takes.
+    private func moved(_ report: MigrationReport) -> UInt64 {
+        report.pagesSent * UInt64(MigrationStream.pageSize) + report.diskBytesSent
     }
 
     /// Bandwidth from a pass big enough to say something (≥ 4 MiB), else the previous estimate.
@@ -470,37 +512,53 @@ public final class MigrationSender: @unchecked Sendable {
         return pages
     }
 
-    /// Sends pages in sections of up to 256: each copied into a staging buffer first (the guest
-    /// may write it meanwhile; the checksum must cover what is sent). Zero pages are skipped
-    /// (`skipZero`: the destination's RAM is zero there) or sent as a flag without data.
+    /// Sends pages in sections of up to 256, each in one of ``PageEncoding``'s forms, encoded or
+    /// copied into the staging buffer (the guest may write it meanwhile; the checksum must cover
+    /// what is sent): zero pages are skipped (`skipZero`: the destination's RAM is
+    /// zero there) or sent as an entry without data, mostly-zero pages as their runs, the rest whole.
     private func sendPages(_ pages: [UInt64], skipZero: Bool, _ report: inout MigrationReport) throws(MigrationError) {
         let memory = machine.memory
         var index = 0
         while index < pages.count {
-            var entries: [UInt64] = [0]   // first word: count (u32) and reserved (u32)
-            var dataPages = 0
-            while index < pages.count, entries.count - 1 < MigrationStream.pagesPerSection {
+            // First word: count (u32) and reserved (u32); then per page its address and a word of
+            // encoding (u32) and payload length (u32).
+            var entries: [UInt64] = [0]
+            var used = 0
+            while index < pages.count, entries.count / 2 < MigrationStream.pagesPerSection {
                 let address = pages[index]
                 index += 1
                 guard let source = memory.pointer(at: address, count: MigrationStream.pageSize) else { continue }
-                let slot = staging + dataPages * MigrationStream.pageSize
-                slot.copyMemory(from: source, byteCount: MigrationStream.pageSize)
-                if MemoryFile.isZero(UnsafeRawPointer(slot)) {
+                let slot = staging + used
+                // Zero pages and runs are read straight from guest RAM: whatever a concurrent
+                // guest write leaves them describing is a page the dirty log sends again, and
+                // the checksum covers the encoded bytes here, not RAM. A whole page is copied
+                // first, so that the checksum and the wire see the same bytes.
+                let encoding: PageEncoding
+                var length = 0
+                if MemoryFile.isZero(UnsafeRawPointer(source)) {
                     if skipZero { continue }
-                    entries.append((address | 1).littleEndian)
+                    encoding = .zero
                     report.zeroPagesSent += 1
+                } else if let runs = PageEncoding.encodeRuns(UnsafeRawPointer(source), into: slot) {
+                    encoding = .runs
+                    length = runs
+                    report.runPagesSent += 1
                 } else {
-                    entries.append(address.littleEndian)
-                    dataPages += 1
+                    slot.copyMemory(from: source, byteCount: MigrationStream.pageSize)
+                    encoding = .raw
+                    length = MigrationStream.pageSize
                 }
+                used += length
+                entries.append(address.littleEndian)
+                entries.append((UInt64(encoding.rawValue) | UInt64(length) << 32).littleEndian)
             }
             guard entries.count > 1 else { continue }
-            entries[0] = UInt64(entries.count - 1).littleEndian
-            report.pagesSent += UInt64(entries.count - 1)
+            let count = entries.count / 2
+            entries[0] = UInt64(count).littleEndian
+            report.pagesSent += UInt64(count)
             let failure: MigrationError? = entries.withUnsafeBytes { raw in
                 do throws(MigrationError) {
-                    try stream.send(.memory, buffers: [(raw.baseAddress!, raw.count),
-                                                       (UnsafeRawPointer(staging), dataPages * MigrationStream.pageSize)])
+                    try stream.send(.memory, buffers: [(raw.baseAddress!, raw.count), (UnsafeRawPointer(staging), used)])
                 } catch { return error }
                 return nil
             }

@@ -22,7 +22,7 @@ public enum MigrationSection: UInt32, Sendable, CustomStringConvertible {
     /// The largest payload each type may have.
     var maximumLength: UInt64 {
         switch self {
-        case .memory: UInt64(8 + MigrationStream.pagesPerSection * (8 + 4096))
+        case .memory: UInt64(8 + MigrationStream.pagesPerSection * (16 + 4096))
         case .file, .disk: UInt64(24 + MigrationStream.chunkSize)
         case .state: 64 << 20
         default: 1 << 20
@@ -51,7 +51,7 @@ public enum MigrationSection: UInt32, Sendable, CustomStringConvertible {
 }
 
 public final class MigrationStream: @unchecked Sendable {
-    public static let version: UInt32 = 2
+    public static let version: UInt32 = 3
     static let magic = Array("HYPCMIGR".utf8)
     static let headerSize = 24
     static let pagesPerSection = 256
@@ -66,8 +66,21 @@ public final class MigrationStream: @unchecked Sendable {
     public private(set) var bytesSent: UInt64 = 0
     public private(set) var bytesReceived: UInt64 = 0
 
+    /// Reads go through this buffer: a memory section is hundreds of small pieces (a header, a
+    /// table, page runs of a few dozen bytes), and a system call each would cost more than the
+    /// bytes. Pieces at least as large as the buffer are read straight into their destination.
+    private static let readBufferSize = 256 << 10
+    private let readBuffer = UnsafeMutableRawPointer.allocate(byteCount: MigrationStream.readBufferSize, alignment: 64)
+    private var readStart = 0, readEnd = 0
+
+    /// Bytes read from the socket that no caller has taken yet. A stream whose descriptor is handed
+    /// to another process must have none (the protocol leaves the sender silent there).
+    public var bufferedByteCount: Int { readEnd - readStart }
+
     /// Wraps a connected stream socket (or pipe); the caller keeps ownership of `fd`.
     public init(fd: Int32) { self.fd = fd }
+
+    deinit { readBuffer.deallocate() }
 
     static func crc(_ pointer: UnsafeRawPointer, _ count: Int, _ crc: UInt32 = 0) -> UInt32 {
         if hardwareCRC { return ckvm_crc32c(crc, pointer, count) }
@@ -250,17 +263,30 @@ public final class MigrationStream: @unchecked Sendable {
 
     /// Reads exactly `count` bytes into `pointer`, waiting at most ``readTimeoutSeconds`` for each piece.
     func read(into pointer: UnsafeMutableRawPointer, _ count: Int) throws(MigrationError) {
-        var done = 0
+        var done = min(count, bufferedByteCount)
+        if done > 0 {
+            pointer.copyMemory(from: readBuffer + readStart, byteCount: done)
+            readStart += done
+        }
         while done < count {
             guard try waitReady(POLLIN, silence: "sent nothing") else { continue }
-            let got = Glibc.read(fd, pointer + done, count - done)
+            let direct = count - done >= Self.readBufferSize
+            let got = direct ? Glibc.read(fd, pointer + done, count - done) : Glibc.read(fd, readBuffer, Self.readBufferSize)
             if got < 0 {
                 if errno == EINTR || errno == EAGAIN { continue }
                 if errno == ECONNRESET { throw .closed("(connection reset)") }
                 throw .io(operation: "read", errno: errno)
             }
             guard got > 0 else { throw .closed("after \(bytesReceived + UInt64(done)) bytes") }
-            done += got
+            if direct {
+                done += got
+            } else {
+                let taken = min(got, count - done)
+                (pointer + done).copyMemory(from: readBuffer, byteCount: taken)
+                readStart = taken
+                readEnd = got
+                done += taken
+            }
         }
         bytesReceived += UInt64(count)
     }
