@@ -12,6 +12,12 @@ struct SnapshotStateTests {
                                       ("list", .array([.bool(true), .null, .double(1.5)])), ("empty", .object([]))])
         #expect(try JSONValue.parse(value.rendered()) == value)
         #expect(try JSONValue.parse("\"\\ud83d\\ude00\"") == .string("😀"))
+        // Integers are read digit by digit up to 18 digits and through the general path beyond.
+        let numbers = "[0, -0, 7, -42, 123456789012345678, -123456789012345678, 9223372036854775807, -9223372036854775808, 18446744073709551615, 1.5e3]"
+        #expect(try JSONValue.parse(numbers) == .array([.number(0), .number(0), .number(7), .number(-42), .number(123456789012345678),
+                                                        .number(-123456789012345678), .number(.max), .number(.min),
+                                                        .unsignedNumber(.max), .double(1500)]))
+        #expect(try JSONValue.parse("[\"plain\", \"esc\\taped\"]") == .array([.string("plain"), .string("esc\taped")]))
         for bad in ["", "{", "[1,]", "{\"a\" 1}", "tru", "\"unterminated", "1 2", "{\"a\":1,}", String(repeating: "[", count: 300)] {
             #expect(throws: JSONParseError.self, "\(bad)") { try JSONValue.parse(bad) }
         }
@@ -48,6 +54,18 @@ struct SnapshotStateTests {
             Issue.record("300 decoded as Int8")
         } catch {
             #expect(error.path == "i8")
+        }
+        // A bad value deep inside names its whole path (the path is built only for the error).
+        guard case var .object(fields) = encoded, let nestedIndex = fields.firstIndex(where: { $0.0 == "nested" }),
+              case var .array(inners) = fields[nestedIndex].1, case var .object(inner) = inners[1] else {
+            Issue.record("unexpected encoding \(encoded.rendered())")
+            return
+        }
+        inner = inner.map { $0.0 == "flag" ? ($0.0, .number(1)) : $0 }
+        inners[1] = .object(inner)
+        fields[nestedIndex].1 = .array(inners)
+        #expect(throws: StateCodingError(path: "nested.1.flag", reason: "expected true or false")) {
+            try StateCoder.decode(Sample.self, from: .object(fields))
         }
         #expect(throws: StateCodingError.self) { try StateCoder.decode(HexBytes.self, from: .string("abc")) }
         #expect(throws: StateCodingError.self) { try StateCoder.decode(HexBytes.self, from: .string("zz")) }

@@ -71,7 +71,12 @@ private struct JSONParser {
     func error(_ reason: String) -> JSONParseError { JSONParseError(offset: position, reason: reason) }
 
     mutating func skipWhitespace() {
-        while position < bytes.count, [0x20, 0x09, 0x0A, 0x0D].contains(bytes[position]) { position += 1 }
+        while position < bytes.count {
+            switch bytes[position] {
+            case 0x20, 0x09, 0x0A, 0x0D: position += 1
+            default: return
+            }
+        }
     }
 
     mutating func value(depth: Int) throws(JSONParseError) -> JSONValue {
@@ -144,6 +149,18 @@ private struct JSONParser {
 
     private mutating func string() throws(JSONParseError) -> String {
         position += 1
+        // Most strings (names, hex bytes) have no escape: one validating UTF-8 decode of the span.
+        let start = position
+        while position < bytes.count {
+            let byte = bytes[position]
+            if byte == UInt8(ascii: "\"") {
+                position += 1
+                return String(decoding: bytes[start..<position - 1], as: UTF8.self)
+            }
+            if byte == UInt8(ascii: "\\") || byte < 0x20 { break }
+            position += 1
+        }
+        position = start
         var scalars = String.UnicodeScalarView()
         var run = position
         func flush(_ end: Int) { scalars.append(contentsOf: String(decoding: bytes[run..<end], as: UTF8.self).unicodeScalars) }
@@ -231,6 +248,14 @@ private struct JSONParser {
             }
         }
         guard position > digitsStart else { throw error("unexpected character") }
+        // Integers (nearly every number in a state) are read without making a String first.
+        if integral, position - digitsStart <= 18 {
+            var magnitude: Int64 = 0
+            for index in digitsStart..<position { magnitude = magnitude * 10 + Int64(bytes[index] - UInt8(ascii: "0")) }
+            if bytes[digitsStart] != UInt8(ascii: "0") || position - digitsStart == 1 {
+                return .number(start == digitsStart ? magnitude : -magnitude)
+            }
+        }
         let text = String(decoding: bytes[start..<position], as: UTF8.self)
         if integral {
             if let value = Int64(text) { return .number(value) }

@@ -50,6 +50,11 @@ struct RawJSON: Codable {
     init(value: JSONValue) { self.value = value }
 
     init(from decoder: any Decoder) throws {
+        // Through StateCoder (every snapshot and migration) the value is already a JSONValue.
+        if let node = decoder as? NodeDecoder {
+            value = node.value
+            return
+        }
         if let container = try? decoder.container(keyedBy: AnyKey.self) {
             var members: [(String, JSONValue)] = []
             for key in container.allKeys.sorted(by: { $0.stringValue < $1.stringValue }) {
@@ -72,6 +77,10 @@ struct RawJSON: Codable {
     }
 
     func encode(to encoder: any Encoder) throws {
+        if let node = encoder as? NodeEncoder {
+            node.node.content = .value(value)
+            return
+        }
         switch value {
         case .null:
             var container = encoder.singleValueContainer()

@@ -7,7 +7,7 @@ public enum StateCoder {
     public static func encode(_ value: some Encodable) throws(StateCodingError) -> JSONValue {
         let node = EncodingNode()
         do {
-            try value.encode(to: NodeEncoder(node: node, codingPath: []))
+            try value.encode(to: NodeEncoder(node: node, link: nil))
         } catch let error as StateCodingError {
             throw error
         } catch {
@@ -18,7 +18,7 @@ public enum StateCoder {
 
     public static func decode<T: Decodable>(_ type: T.Type, from value: JSONValue) throws(StateCodingError) -> T {
         do {
-            return try T(from: NodeDecoder(value: value, codingPath: []))
+            return try T(from: NodeDecoder(value: value, link: nil))
         } catch let error as StateCodingError {
             throw error
         } catch {
@@ -83,7 +83,7 @@ public struct HexBytes: Codable, Sendable, Equatable {
 
 // MARK: - Encoding
 
-private final class EncodingNode {
+final class EncodingNode {
     enum Content {
         case empty
         case value(JSONValue)
@@ -104,6 +104,7 @@ private final class EncodingNode {
     func member(_ key: String) -> EncodingNode {
         let child = EncodingNode()
         if case var .object(members) = content {
+            content = .empty   // the array is now uniquely referenced: the append does not copy it
             members.append((key, child))
             content = .object(members)
         } else {
@@ -115,6 +116,7 @@ private final class EncodingNode {
     func element() -> EncodingNode {
         let child = EncodingNode()
         if case var .array(elements) = content {
+            content = .empty
             elements.append(child)
             content = .array(elements)
         } else {
@@ -126,43 +128,24 @@ private final class EncodingNode {
     var count: Int { if case let .array(elements) = content { elements.count } else { 0 } }
 }
 
-private struct NodeEncoder: Encoder {
+/// Internal (not private) so that ``RawJSON`` can hand its value over as it is.
+struct NodeEncoder: Encoder {
     let node: EncodingNode
-    let codingPath: [any CodingKey]
+    let link: CodingPathLink?
+    var codingPath: [any CodingKey] { CodingPathLink.path(link) }
     var userInfo: [CodingUserInfoKey: Any] { [:] }
 
     func container<Key: CodingKey>(keyedBy type: Key.Type) -> KeyedEncodingContainer<Key> {
         if case .object = node.content {} else { node.content = .object([]) }
-        return KeyedEncodingContainer(KeyedNodeEncoder<Key>(node: node, codingPath: codingPath))
+        return KeyedEncodingContainer(KeyedNodeEncoder<Key>(node: node, link: link))
     }
 
     func unkeyedContainer() -> any UnkeyedEncodingContainer {
         if case .array = node.content {} else { node.content = .array([]) }
-        return UnkeyedNodeEncoder(node: node, codingPath: codingPath)
+        return UnkeyedNodeEncoder(node: node, link: link)
     }
 
-    func singleValueContainer() -> any SingleValueEncodingContainer { SingleNodeEncoder(node: node, codingPath: codingPath) }
-}
-
-/// Primitive values become JSON scalars; everything else recurses through its own `encode(to:)`.
-private func encodeValue(_ value: some Encodable, into node: EncodingNode, codingPath: [any CodingKey]) throws {
-    switch value {
-    case let v as Bool: node.content = .value(.bool(v))
-    case let v as String: node.content = .value(.string(v))
-    case let v as Double: node.content = .value(.double(v))
-    case let v as Float: node.content = .value(.double(Double(v)))
-    case let v as Int: node.content = .value(.number(Int64(v)))
-    case let v as Int8: node.content = .value(.number(Int64(v)))
-    case let v as Int16: node.content = .value(.number(Int64(v)))
-    case let v as Int32: node.content = .value(.number(Int64(v)))
-    case let v as Int64: node.content = .value(.number(v))
-    case let v as UInt: node.content = .value(unsignedJSON(UInt64(v)))
-    case let v as UInt8: node.content = .value(.number(Int64(v)))
-    case let v as UInt16: node.content = .value(.number(Int64(v)))
-    case let v as UInt32: node.content = .value(.number(Int64(v)))
-    case let v as UInt64: node.content = .value(unsignedJSON(v))
-    default: try value.encode(to: NodeEncoder(node: node, codingPath: codingPath))
-    }
+    func singleValueContainer() -> any SingleValueEncodingContainer { SingleNodeEncoder(node: node, link: link) }
 }
 
 private func unsignedJSON(_ value: UInt64) -> JSONValue {
@@ -177,149 +160,226 @@ private struct IndexKey: CodingKey {
     init?(intValue: Int) { self.init(intValue) }
 }
 
+/// Primitives become JSON scalars through the containers' concrete overloads; everything else
+/// recurses through its own `encode(to:)`.
 private struct KeyedNodeEncoder<Key: CodingKey>: KeyedEncodingContainerProtocol {
     let node: EncodingNode
-    let codingPath: [any CodingKey]
+    let link: CodingPathLink?
+    var codingPath: [any CodingKey] { CodingPathLink.path(link) }
 
-    mutating func encodeNil(forKey key: Key) throws { node.member(key.stringValue).content = .value(.null) }
+    private func set(_ value: JSONValue, _ key: Key) { node.member(key.stringValue).content = .value(value) }
+    mutating func encodeNil(forKey key: Key) throws { set(.null, key) }
+    mutating func encode(_ value: Bool, forKey key: Key) throws { set(.bool(value), key) }
+    mutating func encode(_ value: String, forKey key: Key) throws { set(.string(value), key) }
+    mutating func encode(_ value: Double, forKey key: Key) throws { set(.double(value), key) }
+    mutating func encode(_ value: Float, forKey key: Key) throws { set(.double(Double(value)), key) }
+    mutating func encode(_ value: Int, forKey key: Key) throws { set(.number(Int64(value)), key) }
+    mutating func encode(_ value: Int8, forKey key: Key) throws { set(.number(Int64(value)), key) }
+    mutating func encode(_ value: Int16, forKey key: Key) throws { set(.number(Int64(value)), key) }
+    mutating func encode(_ value: Int32, forKey key: Key) throws { set(.number(Int64(value)), key) }
+    mutating func encode(_ value: Int64, forKey key: Key) throws { set(.number(value), key) }
+    mutating func encode(_ value: UInt, forKey key: Key) throws { set(unsignedJSON(UInt64(value)), key) }
+    mutating func encode(_ value: UInt8, forKey key: Key) throws { set(.number(Int64(value)), key) }
+    mutating func encode(_ value: UInt16, forKey key: Key) throws { set(.number(Int64(value)), key) }
+    mutating func encode(_ value: UInt32, forKey key: Key) throws { set(.number(Int64(value)), key) }
+    mutating func encode(_ value: UInt64, forKey key: Key) throws { set(unsignedJSON(value), key) }
     mutating func encode<T: Encodable>(_ value: T, forKey key: Key) throws {
-        try encodeValue(value, into: node.member(key.stringValue), codingPath: codingPath + [key])
+        try value.encode(to: NodeEncoder(node: node.member(key.stringValue), link: CodingPathLink(parent: link, key: key)))
     }
     mutating func nestedContainer<NestedKey: CodingKey>(keyedBy keyType: NestedKey.Type, forKey key: Key) -> KeyedEncodingContainer<NestedKey> {
-        NodeEncoder(node: node.member(key.stringValue), codingPath: codingPath + [key]).container(keyedBy: keyType)
+        NodeEncoder(node: node.member(key.stringValue), link: CodingPathLink(parent: link, key: key)).container(keyedBy: keyType)
     }
     mutating func nestedUnkeyedContainer(forKey key: Key) -> any UnkeyedEncodingContainer {
-        NodeEncoder(node: node.member(key.stringValue), codingPath: codingPath + [key]).unkeyedContainer()
+        NodeEncoder(node: node.member(key.stringValue), link: CodingPathLink(parent: link, key: key)).unkeyedContainer()
     }
-    mutating func superEncoder() -> any Encoder { NodeEncoder(node: node.member("super"), codingPath: codingPath) }
+    mutating func superEncoder() -> any Encoder { NodeEncoder(node: node.member("super"), link: link) }
     mutating func superEncoder(forKey key: Key) -> any Encoder {
-        NodeEncoder(node: node.member(key.stringValue), codingPath: codingPath + [key])
+        NodeEncoder(node: node.member(key.stringValue), link: CodingPathLink(parent: link, key: key))
     }
 }
 
 private struct UnkeyedNodeEncoder: UnkeyedEncodingContainer {
     let node: EncodingNode
-    let codingPath: [any CodingKey]
+    let link: CodingPathLink?
+    var codingPath: [any CodingKey] { CodingPathLink.path(link) }
     var count: Int { node.count }
 
+    private func next() -> NodeEncoder { NodeEncoder(node: node.element(), link: CodingPathLink(parent: link, key: IndexKey(count))) }
     mutating func encodeNil() throws { node.element().content = .value(.null) }
-    mutating func encode<T: Encodable>(_ value: T) throws {
-        let path = codingPath + [IndexKey(count)]
-        try encodeValue(value, into: node.element(), codingPath: path)
-    }
+    mutating func encode<T: Encodable>(_ value: T) throws { try value.encode(to: next()) }
     mutating func nestedContainer<NestedKey: CodingKey>(keyedBy keyType: NestedKey.Type) -> KeyedEncodingContainer<NestedKey> {
-        NodeEncoder(node: node.element(), codingPath: codingPath + [IndexKey(count)]).container(keyedBy: keyType)
+        next().container(keyedBy: keyType)
     }
-    mutating func nestedUnkeyedContainer() -> any UnkeyedEncodingContainer {
-        NodeEncoder(node: node.element(), codingPath: codingPath + [IndexKey(count)]).unkeyedContainer()
-    }
-    mutating func superEncoder() -> any Encoder { NodeEncoder(node: node.element(), codingPath: codingPath) }
+    mutating func nestedUnkeyedContainer() -> any UnkeyedEncodingContainer { next().unkeyedContainer() }
+    mutating func superEncoder() -> any Encoder { NodeEncoder(node: node.element(), link: link) }
 }
 
 private struct SingleNodeEncoder: SingleValueEncodingContainer {
     let node: EncodingNode
-    let codingPath: [any CodingKey]
+    let link: CodingPathLink?
+    var codingPath: [any CodingKey] { CodingPathLink.path(link) }
     mutating func encodeNil() throws { node.content = .value(.null) }
-    mutating func encode<T: Encodable>(_ value: T) throws { try encodeValue(value, into: node, codingPath: codingPath) }
+    mutating func encode(_ value: Bool) throws { node.content = .value(.bool(value)) }
+    mutating func encode(_ value: String) throws { node.content = .value(.string(value)) }
+    mutating func encode(_ value: Double) throws { node.content = .value(.double(value)) }
+    mutating func encode(_ value: Float) throws { node.content = .value(.double(Double(value))) }
+    mutating func encode(_ value: Int) throws { node.content = .value(.number(Int64(value))) }
+    mutating func encode(_ value: Int8) throws { node.content = .value(.number(Int64(value))) }
+    mutating func encode(_ value: Int16) throws { node.content = .value(.number(Int64(value))) }
+    mutating func encode(_ value: Int32) throws { node.content = .value(.number(Int64(value))) }
+    mutating func encode(_ value: Int64) throws { node.content = .value(.number(value)) }
+    mutating func encode(_ value: UInt) throws { node.content = .value(unsignedJSON(UInt64(value))) }
+    mutating func encode(_ value: UInt8) throws { node.content = .value(.number(Int64(value))) }
+    mutating func encode(_ value: UInt16) throws { node.content = .value(.number(Int64(value))) }
+    mutating func encode(_ value: UInt32) throws { node.content = .value(.number(Int64(value))) }
+    mutating func encode(_ value: UInt64) throws { node.content = .value(unsignedJSON(value)) }
+    mutating func encode<T: Encodable>(_ value: T) throws { try value.encode(to: NodeEncoder(node: node, link: link)) }
 }
 
 // MARK: - Decoding
+//
+// Restores and migrations decode a state on their critical path, so this side avoids what
+// makes generic decoders slow: primitives go through the containers' concrete overloads (no
+// dynamic casts), objects are searched in place (no dictionary per struct), and the coding path
+// is a chain of links turned into an array only for an error message.
 
-private struct NodeDecoder: Decoder {
+/// One step of a coding path; the array form is built only when an error names the path.
+final class CodingPathLink {
+    let parent: CodingPathLink?
+    let key: any CodingKey
+    init(parent: CodingPathLink?, key: any CodingKey) {
+        self.parent = parent
+        self.key = key
+    }
+
+    static func path(_ link: CodingPathLink?, _ last: (any CodingKey)? = nil) -> [any CodingKey] {
+        var keys: [any CodingKey] = last.map { [$0] } ?? []
+        var current = link
+        while let step = current {
+            keys.append(step.key)
+            current = step.parent
+        }
+        return keys.reversed()
+    }
+}
+
+/// Internal (not private) so that ``RawJSON`` can take its value as it is.
+struct NodeDecoder: Decoder {
     let value: JSONValue
-    let codingPath: [any CodingKey]
+    let link: CodingPathLink?
+    var codingPath: [any CodingKey] { CodingPathLink.path(link) }
     var userInfo: [CodingUserInfoKey: Any] { [:] }
 
     func container<Key: CodingKey>(keyedBy type: Key.Type) throws -> KeyedDecodingContainer<Key> {
         guard case let .object(members) = value else { throw StateCodingError(codingPath, "expected an object") }
-        var table: [String: JSONValue] = [:]
-        for (key, value) in members where table[key] == nil { table[key] = value }
-        return KeyedDecodingContainer(KeyedNodeDecoder<Key>(members: table, codingPath: codingPath))
+        return KeyedDecodingContainer(KeyedNodeDecoder<Key>(members: members, link: link))
     }
 
     func unkeyedContainer() throws -> any UnkeyedDecodingContainer {
         guard case let .array(elements) = value else { throw StateCodingError(codingPath, "expected an array") }
-        return UnkeyedNodeDecoder(elements: elements, codingPath: codingPath)
+        return UnkeyedNodeDecoder(elements: elements, link: link)
     }
 
-    func singleValueContainer() throws -> any SingleValueDecodingContainer { SingleNodeDecoder(value: value, codingPath: codingPath) }
+    func singleValueContainer() throws -> any SingleValueDecodingContainer { SingleNodeDecoder(value: value, link: link) }
 }
 
-private func decodeValue<T: Decodable>(_ type: T.Type, from value: JSONValue, codingPath: [any CodingKey]) throws -> T {
-    func integer<I: FixedWidthInteger>(_: I.Type) throws -> I {
+/// The scalar decodings every container shares; `path` is called only to report an error.
+private enum Scalar {
+    static func integer<I: FixedWidthInteger>(_: I.Type, _ value: JSONValue, _ path: () -> [any CodingKey]) throws -> I {
         let result: I? = switch value {
         case let .number(v): I(exactly: v)
         case let .unsignedNumber(v): I(exactly: v)
         default: nil
         }
-        guard let result else { throw StateCodingError(codingPath, "expected an integer that fits \(I.self)") }
+        guard let result else { throw StateCodingError(path(), "expected an integer that fits \(I.self)") }
         return result
     }
-    switch type {
-    case is Bool.Type:
-        guard case let .bool(v) = value else { throw StateCodingError(codingPath, "expected true or false") }
-        return v as! T
-    case is String.Type:
-        guard case let .string(v) = value else { throw StateCodingError(codingPath, "expected a string") }
-        return v as! T
-    case is Double.Type:
-        guard let v = value.doubleValue else { throw StateCodingError(codingPath, "expected a number") }
-        return v as! T
-    case is Float.Type:
-        guard let v = value.doubleValue else { throw StateCodingError(codingPath, "expected a number") }
-        return Float(v) as! T
-    case is Int.Type: return try integer(Int.self) as! T
-    case is Int8.Type: return try integer(Int8.self) as! T
-    case is Int16.Type: return try integer(Int16.self) as! T
-    case is Int32.Type: return try integer(Int32.self) as! T
-    case is Int64.Type: return try integer(Int64.self) as! T
-    case is UInt.Type: return try integer(UInt.self) as! T
-    case is UInt8.Type: return try integer(UInt8.self) as! T
-    case is UInt16.Type: return try integer(UInt16.self) as! T
-    case is UInt32.Type: return try integer(UInt32.self) as! T
-    case is UInt64.Type: return try integer(UInt64.self) as! T
-    default: return try T(from: NodeDecoder(value: value, codingPath: codingPath))
+
+    static func bool(_ value: JSONValue, _ path: () -> [any CodingKey]) throws -> Bool {
+        guard case let .bool(v) = value else { throw StateCodingError(path(), "expected true or false") }
+        return v
+    }
+
+    static func string(_ value: JSONValue, _ path: () -> [any CodingKey]) throws -> String {
+        guard case let .string(v) = value else { throw StateCodingError(path(), "expected a string") }
+        return v
+    }
+
+    static func double(_ value: JSONValue, _ path: () -> [any CodingKey]) throws -> Double {
+        guard let v = value.doubleValue else { throw StateCodingError(path(), "expected a number") }
+        return v
     }
 }
 
 private struct KeyedNodeDecoder<Key: CodingKey>: KeyedDecodingContainerProtocol {
-    let members: [String: JSONValue]
-    let codingPath: [any CodingKey]
+    let members: [(String, JSONValue)]
+    let link: CodingPathLink?
+    var codingPath: [any CodingKey] { CodingPathLink.path(link) }
 
-    var allKeys: [Key] { members.keys.compactMap { Key(stringValue: $0) } }
-    func contains(_ key: Key) -> Bool { members[key.stringValue] != nil }
+    var allKeys: [Key] { members.compactMap { Key(stringValue: $0.0) } }
+    func contains(_ key: Key) -> Bool { find(key) != nil }
+
+    /// The first member named `key` (state objects are small: a scan beats hashing every name).
+    private func find(_ key: Key) -> JSONValue? {
+        let name = key.stringValue
+        for (memberName, value) in members where memberName == name { return value }
+        return nil
+    }
 
     private func member(_ key: Key) throws -> JSONValue {
-        guard let value = members[key.stringValue] else { throw StateCodingError(codingPath + [key], "missing") }
+        guard let value = find(key) else { throw StateCodingError(CodingPathLink.path(link, key), "missing") }
         return value
     }
 
+    private func child(_ key: Key) -> CodingPathLink { CodingPathLink(parent: link, key: key) }
+
     func decodeNil(forKey key: Key) throws -> Bool { try member(key) == .null }
+    func decode(_ type: Bool.Type, forKey key: Key) throws -> Bool { try Scalar.bool(member(key)) { CodingPathLink.path(link, key) } }
+    func decode(_ type: String.Type, forKey key: Key) throws -> String { try Scalar.string(member(key)) { CodingPathLink.path(link, key) } }
+    func decode(_ type: Double.Type, forKey key: Key) throws -> Double { try Scalar.double(member(key)) { CodingPathLink.path(link, key) } }
+    func decode(_ type: Float.Type, forKey key: Key) throws -> Float { Float(try Scalar.double(member(key)) { CodingPathLink.path(link, key) }) }
+    func decode(_ type: Int.Type, forKey key: Key) throws -> Int { try integer(type, key) }
+    func decode(_ type: Int8.Type, forKey key: Key) throws -> Int8 { try integer(type, key) }
+    func decode(_ type: Int16.Type, forKey key: Key) throws -> Int16 { try integer(type, key) }
+    func decode(_ type: Int32.Type, forKey key: Key) throws -> Int32 { try integer(type, key) }
+    func decode(_ type: Int64.Type, forKey key: Key) throws -> Int64 { try integer(type, key) }
+    func decode(_ type: UInt.Type, forKey key: Key) throws -> UInt { try integer(type, key) }
+    func decode(_ type: UInt8.Type, forKey key: Key) throws -> UInt8 { try integer(type, key) }
+    func decode(_ type: UInt16.Type, forKey key: Key) throws -> UInt16 { try integer(type, key) }
+    func decode(_ type: UInt32.Type, forKey key: Key) throws -> UInt32 { try integer(type, key) }
+    func decode(_ type: UInt64.Type, forKey key: Key) throws -> UInt64 { try integer(type, key) }
+    private func integer<I: FixedWidthInteger>(_ type: I.Type, _ key: Key) throws -> I {
+        try Scalar.integer(type, member(key)) { CodingPathLink.path(link, key) }
+    }
+
     func decode<T: Decodable>(_ type: T.Type, forKey key: Key) throws -> T {
-        try decodeValue(type, from: try member(key), codingPath: codingPath + [key])
+        try T(from: NodeDecoder(value: try member(key), link: child(key)))
     }
     func nestedContainer<NestedKey: CodingKey>(keyedBy type: NestedKey.Type, forKey key: Key) throws -> KeyedDecodingContainer<NestedKey> {
-        try NodeDecoder(value: try member(key), codingPath: codingPath + [key]).container(keyedBy: type)
+        try NodeDecoder(value: try member(key), link: child(key)).container(keyedBy: type)
     }
     func nestedUnkeyedContainer(forKey key: Key) throws -> any UnkeyedDecodingContainer {
-        try NodeDecoder(value: try member(key), codingPath: codingPath + [key]).unkeyedContainer()
+        try NodeDecoder(value: try member(key), link: child(key)).unkeyedContainer()
     }
-    func superDecoder() throws -> any Decoder { NodeDecoder(value: members["super"] ?? .null, codingPath: codingPath) }
-    func superDecoder(forKey key: Key) throws -> any Decoder { NodeDecoder(value: try member(key), codingPath: codingPath + [key]) }
+    func superDecoder() throws -> any Decoder {
+        NodeDecoder(value: members.first { $0.0 == "super" }?.1 ?? .null, link: link)
+    }
+    func superDecoder(forKey key: Key) throws -> any Decoder { NodeDecoder(value: try member(key), link: child(key)) }
 }
 
 private struct UnkeyedNodeDecoder: UnkeyedDecodingContainer {
     let elements: [JSONValue]
-    let codingPath: [any CodingKey]
+    let link: CodingPathLink?
+    var codingPath: [any CodingKey] { CodingPathLink.path(link) }
     var currentIndex = 0
     var count: Int? { elements.count }
     var isAtEnd: Bool { currentIndex >= elements.count }
 
-    private mutating func next() throws -> (JSONValue, [any CodingKey]) {
-        let path = codingPath + [IndexKey(currentIndex)]
-        guard !isAtEnd else { throw StateCodingError(path, "missing (the array is too short)") }
+    private mutating func next() throws -> (JSONValue, CodingPathLink) {
+        let step = CodingPathLink(parent: link, key: IndexKey(currentIndex))
+        guard !isAtEnd else { throw StateCodingError(CodingPathLink.path(step), "missing (the array is too short)") }
         defer { currentIndex += 1 }
-        return (elements[currentIndex], path)
+        return (elements[currentIndex], step)
     }
 
     mutating func decodeNil() throws -> Bool {
@@ -328,26 +388,41 @@ private struct UnkeyedNodeDecoder: UnkeyedDecodingContainer {
         return true
     }
     mutating func decode<T: Decodable>(_ type: T.Type) throws -> T {
-        let (value, path) = try next()
-        return try decodeValue(type, from: value, codingPath: path)
+        let (value, step) = try next()
+        return try T(from: NodeDecoder(value: value, link: step))
     }
     mutating func nestedContainer<NestedKey: CodingKey>(keyedBy type: NestedKey.Type) throws -> KeyedDecodingContainer<NestedKey> {
-        let (value, path) = try next()
-        return try NodeDecoder(value: value, codingPath: path).container(keyedBy: type)
+        let (value, step) = try next()
+        return try NodeDecoder(value: value, link: step).container(keyedBy: type)
     }
     mutating func nestedUnkeyedContainer() throws -> any UnkeyedDecodingContainer {
-        let (value, path) = try next()
-        return try NodeDecoder(value: value, codingPath: path).unkeyedContainer()
+        let (value, step) = try next()
+        return try NodeDecoder(value: value, link: step).unkeyedContainer()
     }
     mutating func superDecoder() throws -> any Decoder {
-        let (value, path) = try next()
-        return NodeDecoder(value: value, codingPath: path)
+        let (value, step) = try next()
+        return NodeDecoder(value: value, link: step)
     }
 }
 
 private struct SingleNodeDecoder: SingleValueDecodingContainer {
     let value: JSONValue
-    let codingPath: [any CodingKey]
+    let link: CodingPathLink?
+    var codingPath: [any CodingKey] { CodingPathLink.path(link) }
     func decodeNil() -> Bool { value == .null }
-    func decode<T: Decodable>(_ type: T.Type) throws -> T { try decodeValue(type, from: value, codingPath: codingPath) }
+    func decode(_ type: Bool.Type) throws -> Bool { try Scalar.bool(value) { codingPath } }
+    func decode(_ type: String.Type) throws -> String { try Scalar.string(value) { codingPath } }
+    func decode(_ type: Double.Type) throws -> Double { try Scalar.double(value) { codingPath } }
+    func decode(_ type: Float.Type) throws -> Float { Float(try Scalar.double(value) { codingPath }) }
+    func decode(_ type: Int.Type) throws -> Int { try Scalar.integer(type, value) { codingPath } }
+    func decode(_ type: Int8.Type) throws -> Int8 { try Scalar.integer(type, value) { codingPath } }
+    func decode(_ type: Int16.Type) throws -> Int16 { try Scalar.integer(type, value) { codingPath } }
+    func decode(_ type: Int32.Type) throws -> Int32 { try Scalar.integer(type, value) { codingPath } }
+    func decode(_ type: Int64.Type) throws -> Int64 { try Scalar.integer(type, value) { codingPath } }
+    func decode(_ type: UInt.Type) throws -> UInt { try Scalar.integer(type, value) { codingPath } }
+    func decode(_ type: UInt8.Type) throws -> UInt8 { try Scalar.integer(type, value) { codingPath } }
+    func decode(_ type: UInt16.Type) throws -> UInt16 { try Scalar.integer(type, value) { codingPath } }
+    func decode(_ type: UInt32.Type) throws -> UInt32 { try Scalar.integer(type, value) { codingPath } }
+    func decode(_ type: UInt64.Type) throws -> UInt64 { try Scalar.integer(type, value) { codingPath } }
+    func decode<T: Decodable>(_ type: T.Type) throws -> T { try T(from: NodeDecoder(value: value, link: link)) }
 }
