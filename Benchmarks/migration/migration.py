@@ -136,7 +136,9 @@ def run_hvrun(hvrun, guest, memory, cmdline, workdir, max_downtime):
         gap, where, missing = longest_gap(tail.steps)
         return {"total_ms": report["total_ms"], "downtime_ms": report["downtime_ms"], "passes": report["passes"],
                 "bytes_sent": report["bytes_sent"], "max_throttle_percent": report["max_throttle_percent"],
-                "guest_gap_ms": round(gap, 2), "gap_at_step": where, "missing_steps": len(missing)}
+                "guest_gap_ms": round(gap, 2), "gap_at_step": where, "missing_steps": len(missing),
+                "phases_ms": report.get("phases_ms"), "switchover_ms": report.get("switchover_ms"),
+                "destination_ms": report.get("destination_ms")}
     finally:
         tail.stop = True
         for e in env:

@@ -1,3 +1,4 @@
+import Dispatch
 import HyperCore
 #if canImport(Glibc)
 import Glibc
@@ -13,6 +14,10 @@ final class BundleIncoming {
     let fd: Int32
     let receiver: MigrationReceiver
     let offer: MigrationOffer
+    /// `vm receive` wrote the bundle without waiting for the disk (the sender waits for `ready`
+    /// meanwhile); it is made durable here while memory flows, and the switch-over waits for it
+    /// before the VM becomes this store's.
+    private let durability: BackgroundWork
 
     init(bundle: VMBundle, fd: Int32) throws {
         self.bundle = bundle
@@ -27,6 +32,8 @@ final class BundleIncoming {
         guard ParentDeathSignal.kill(whenParentDies: parent) else {
             throw StoreError.failed("hvrun vm receive (pid \(parent)) ended before the VM process started")
         }
+        let path = bundle.path
+        durability = BackgroundWork { () throws(StoreError) in try StoreFiles.syncTree(path) }
     }
 
     deinit { close(fd) }
@@ -59,8 +66,11 @@ final class BundleIncoming {
     func switchOver(_ machine: Machine) throws {
         let bundle = self.bundle
         let resumed = try receiver.switchOver(machine) { () throws(MigrationError) in
+            if let failure = durability.wait() { throw .machine("the received VM's files cannot be made durable: \(failure)") }
             // From here the VM is this store's: a failure after this point leaves it here.
             guard unlink(bundle.incomingPath) == 0 else { throw .io(operation: "unlink \(bundle.incomingPath)", errno: errno) }
+            // Durable before `running` tells the source to delete its copy.
+            StoreFiles.syncDirectory(of: bundle.incomingPath)
             ParentDeathSignal.clear()
         }
         printError("hvrun: VM \(bundle.name): received by live migration; running here (resumed \(Double(resumed / 1000) / 1000) ms after the last section)")
@@ -86,5 +96,25 @@ final class BundleIncoming {
         store(of: bundle).removeBundle(bundle)
         printError("hvrun: VM \(bundle.name): moved to another host; its bundle is removed here")
         return 0
+    }
+}
+
+/// Work on a thread of its own whose outcome someone waits for later.
+final class BackgroundWork: @unchecked Sendable {
+    private let done = DispatchSemaphore(value: 0)
+    private var failure: String?   // written before `done` is signalled, read after
+
+    init(_ body: @escaping @Sendable () throws(StoreError) -> Void) {
+        startDetachedThread { [self] in
+            do throws(StoreError) { try body() } catch { failure = "\(error)" }
+            done.signal()
+        }
+    }
+
+    /// Waits for the work to end: nil when it succeeded, else why not.
+    func wait() -> String? {
+        done.wait()
+        done.signal()
+        return failure
     }
 }

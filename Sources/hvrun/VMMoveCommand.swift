@@ -242,7 +242,10 @@ struct VMReceiveCommand: ParsableCommand {
                     try? StoreFiles.removeTree(staging)
                     throw .system(operation: "rename", path: bundle.path, errno: code)
                 }
-                StoreFiles.syncDirectory(of: bundle.path)
+                // The marker is durable before the rename; the rename itself, the files below and
+                // vm.json are made durable by the VM process while memory flows, before it makes
+                // the VM this store's (BundleIncoming): a power loss before then leaves at most a
+                // marked bundle, which recovery removes.
             }
         } catch {
             stream.abort("\(error)")
@@ -274,12 +277,11 @@ struct VMReceiveCommand: ParsableCommand {
             }
             for (index, file) in offer.files.enumerated() where open[index] == nil {
                 try StoreFiles.makeDirectories(bundle.path + "/" + file.name.split(separator: "/").dropLast().joined(separator: "/"))
-                try StoreFiles.writeAtomically(bundle.path + "/" + file.name, [])
+                try StoreFiles.writeAtomically(bundle.path + "/" + file.name, [], durable: false)
             }
             // As the source had them: raw disks are known by size and modification time.
             for (index, file) in offer.files.enumerated() {
                 let path = bundle.path + "/" + file.name
-                if let fd = open[index] { guard fsync(fd) == 0 else { throw MigrationError.io(operation: "fsync \(path)", errno: errno) } }
                 if let time = offer.fileTimes[index] {
                     var times = [timespec(tv_sec: Int(time / 1_000_000_000), tv_nsec: Int(time % 1_000_000_000)),
                                  timespec(tv_sec: Int(time / 1_000_000_000), tv_nsec: Int(time % 1_000_000_000))]
@@ -290,7 +292,7 @@ struct VMReceiveCommand: ParsableCommand {
             // (the files the guest writes are re-pointed by the VM process once they are copied).
             let names = Set(offer.files.map(\.name))
             try StorageCopyPlan.reparent(reparent.filter { names.contains($0.child) }, in: bundle)
-            try StoreFiles.writeAtomically(bundle.configurationPath, Array(try configuration.encoded().utf8))
+            try StoreFiles.writeAtomically(bundle.configurationPath, Array(try configuration.encoded().utf8), durable: false)
             // The VM process reads on from the socket: nothing may be left in this stream's buffer
             // (the sender waits for `ready` after the files, so a byte here breaks the protocol).
             guard stream.bufferedByteCount == 0 else {

@@ -31,14 +31,16 @@ public enum StoreFiles {
         }
     }
 
-    /// Writes `bytes` to `path` durably: a temporary file, fsync, rename, fsync of the directory.
-    public static func writeAtomically(_ path: String, _ bytes: [UInt8]) throws(StoreError) {
+    /// Writes `bytes` to `path` atomically: a temporary file, fsync, rename, fsync of the
+    /// directory. With `durable: false` the two fsyncs are left to the caller (``syncTree(_:)``
+    /// later): a reader never sees a half file, but a power loss may leave the old one.
+    public static func writeAtomically(_ path: String, _ bytes: [UInt8], durable: Bool = true) throws(StoreError) {
         let temporary = path + ".tmp-\(getpid())"
         let fd = open(temporary, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0o644)
         guard fd >= 0 else { throw .system(operation: "open", path: temporary, errno: errno) }
         do throws(StoreError) {
             try writeAll(fd, bytes, path: temporary)
-            guard fsync(fd) == 0 else { throw .system(operation: "fsync", path: temporary, errno: errno) }
+            guard !durable || fsync(fd) == 0 else { throw .system(operation: "fsync", path: temporary, errno: errno) }
             close(fd)
         } catch {
             close(fd)
@@ -50,6 +52,32 @@ public enum StoreFiles {
             unlink(temporary)
             throw .system(operation: "rename", path: path, errno: code)
         }
+        if durable { syncDirectory(of: path) }
+    }
+
+    /// Makes a directory tree durable: every file and directory in it, then the directory that
+    /// holds it (for the tree's own name).
+    public static func syncTree(_ path: String) throws(StoreError) {
+        func sync(_ path: String, directory: Bool) throws(StoreError) {
+            let fd = open(path, (directory ? O_DIRECTORY : 0) | O_RDONLY | O_CLOEXEC)
+            guard fd >= 0 else { throw .system(operation: "open", path: path, errno: errno) }
+            defer { close(fd) }
+            guard fsync(fd) == 0 else { throw .system(operation: "fsync", path: path, errno: errno) }
+        }
+        func walk(_ directory: String) throws(StoreError) {
+            for name in list(directory) {
+                let child = directory + "/" + name
+                var info = stat()
+                guard lstat(child, &info) == 0 else { continue }
+                switch info.st_mode & S_IFMT {
+                case S_IFDIR: try walk(child)
+                case S_IFREG: try sync(child, directory: false)
+                default: break
+                }
+            }
+            try sync(directory, directory: true)
+        }
+        try walk(path)
         syncDirectory(of: path)
     }
 
