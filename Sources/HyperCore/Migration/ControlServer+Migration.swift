@@ -78,20 +78,17 @@ public final class OutgoingMigration: @unchecked Sendable {
          ("elapsed_ms", .double((progress.elapsedSeconds * 1e4).rounded() / 10))]
     }
 
-    static func milliseconds(_ nanoseconds: UInt64) -> JSONValue { .double(Double(nanoseconds / 1000) / 1000) }
-
     static func report(_ report: MigrationReport) -> [(String, JSONValue)] {
         [("passes", .number(Int64(report.passes))), ("bytes_sent", .number(Int64(report.bytesSent))),
          ("pages_sent", .number(Int64(report.pagesSent))), ("zero_pages_sent", .number(Int64(report.zeroPagesSent))),
          ("run_pages_sent", .number(Int64(report.runPagesSent))),
          ("final_pages", .number(Int64(report.finalPages))), ("disk_bytes_sent", .number(Int64(report.diskBytesSent))),
-         ("total_ms", milliseconds(report.totalNanoseconds)), ("downtime_ms", milliseconds(report.downtimeNanoseconds)),
-         ("destination_resume_ms", milliseconds(report.destinationResumeNanoseconds)),
+         ("total_ms", PhaseClock.milliseconds(report.totalNanoseconds)), ("downtime_ms", PhaseClock.milliseconds(report.downtimeNanoseconds)),
+         ("destination_resume_ms", PhaseClock.milliseconds(report.destinationResumeNanoseconds)),
          ("max_throttle_percent", .number(Int64(report.maximumThrottlePercent))),
          ("bandwidth_mbps", .double((report.bandwidthBytesPerSecond / 1e6 * 10).rounded() / 10)),
-         ("phases_ms", .object(report.phases.map { ($0.0, milliseconds($0.1)) })),
-         ("switchover_ms", .object(report.switchOverPhases.map { ($0.0, milliseconds($0.1)) })),
-         ("destination_ms", .object(report.destinationPhases.map { ($0.0, milliseconds($0.1)) }))]
+         ("phases_ms", PhaseClock.json(report.phases)), ("switchover_ms", PhaseClock.json(report.switchOverPhases)),
+         ("destination_ms", PhaseClock.json(report.destinationPhases))]
     }
 }
 

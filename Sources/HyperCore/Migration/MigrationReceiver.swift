@@ -114,14 +114,8 @@ public final class MigrationReceiver: @unchecked Sendable {
     /// the final pages and the state (`receive`), decoding it (`decode_state`), completing and
     /// opening the disks (`disks`), checking the state against the machine (`check_state`),
     /// putting it into the vCPUs and devices (`start_paused`). Sent to the source with `prepared`.
-    public private(set) var switchOverPhases: [(String, UInt64)] = []
-    private var phaseMark: UInt64 = 0
-
-    private func phase(_ name: String) {
-        let now = monotonicNanoseconds()
-        switchOverPhases.append((name, now - phaseMark))
-        phaseMark = now
-    }
+    public var switchOverPhases: [(String, UInt64)] { switchOver.laps }
+    private var switchOver = PhaseClock()
 
     /// Where a page's runs are read before they are checked and spread over the page.
     private let runScratch = UnsafeMutableRawPointer.allocate(byteCount: PageEncoding.maximumRunsSize, alignment: 8)
@@ -213,7 +207,7 @@ public final class MigrationReceiver: @unchecked Sendable {
                 guard MigrationStream.crc(payload) == crc else { throw .protocolViolation("pass section payload checksum mismatch") }
                 try stream.send(.pass, json: .object([("pages", .number(Int64(pagesReceived)))]))
                 // The guest pauses at the source about now: the downtime's phases start here.
-                phaseMark = monotonicNanoseconds()
+                switchOver.restart()
             case .disk:
                 guard let copies else { throw .protocolViolation("a disk section with shared storage") }
                 guard length <= 24 + MigrationStream.chunkSize else { throw .protocolViolation("a disk section of \(length) bytes") }
@@ -224,7 +218,7 @@ public final class MigrationReceiver: @unchecked Sendable {
             case .state:
                 let payload = try stream.read(length)
                 guard MigrationStream.crc(payload) == crc else { throw .protocolViolation("state section payload checksum mismatch") }
-                phase("receive")
+                switchOver.lap("receive")
                 let snapshot: MachineSnapshot
                 do {
                     snapshot = try StateCoder.decode(MachineSnapshot.self, from: try JSONValue.parse(payload))
@@ -234,7 +228,7 @@ public final class MigrationReceiver: @unchecked Sendable {
                 guard Self.sameMachine(snapshot.configuration, saved) else {
                     throw .protocolViolation("the machine state describes another machine than the offer")
                 }
-                phase("decode_state")
+                switchOver.lap("decode_state")
                 let complete = try stream.receiveJSON(.complete)
                 guard complete["pages"]?.int64Value == Int64(pagesReceived) else {
                     throw .protocolViolation("the sender sent \(complete["pages"]?.rendered() ?? "?") pages, \(pagesReceived) arrived")
@@ -251,9 +245,9 @@ public final class MigrationReceiver: @unchecked Sendable {
                         throw .machine("disk \(index): \(error)")
                     }
                 }
-                phase("disks")
+                switchOver.lap("disks")
                 try place(snapshot, into: machine, memory: memory)
-                phase("check_state")
+                switchOver.lap("check_state")
                 return machine
             case .abort:
                 let payload = try stream.read(length)
@@ -402,10 +396,9 @@ public final class MigrationReceiver: @unchecked Sendable {
             stream.abort("the destination cannot start the machine: \(error)")
             throw .machine("starting the machine: \(error)")
         }
-        phase("start_paused")
+        switchOver.lap("start_paused")
         do throws(MigrationError) {
-            let phases = switchOverPhases.map { ($0.0, JSONValue.double(Double($0.1 / 1000) / 1000)) }
-            try stream.send(.prepared, json: .object([("phases_ms", .object(phases))]))
+            try stream.send(.prepared, json: .object([("phases_ms", PhaseClock.json(switchOver.laps))]))
             _ = try stream.receive(.go)
             try commit()
         } catch {

@@ -170,49 +170,40 @@ public final class MigrationSender: @unchecked Sendable {
                 throw .machine("the machine is \(machine.runState.rawValue); only a running or paused machine can move")
             }
             defer { mirrors.forEach { $0.changes.stop() } }
-            var stepMark = started
-            func step(_ name: String) {
-                let now = monotonicNanoseconds()
-                report.phases.append((name, now - stepMark))
-                stepMark = now
-            }
+            var steps = PhaseClock(startingAt: started)
             try handshake()
-            step("handshake")
+            steps.lap("handshake")
             // The destination builds RAM before it says ready (the machine after).
             _ = try stream.receiveJSON(.ready)
-            step("ready")
+            steps.lap("ready")
             do throws(KVMError) { try machine.setDirtyLogging(true) } catch {
                 throw .machine("cannot turn on dirty-page logging: \(error)")
             }
             logging = true
-            step("dirty_logging")
+            steps.lap("dirty_logging")
             update { $0.phase = .precopy }
             try precopy(&report)
             // Drain: the receiver may still be working through the last passes (socket buffers
             // hold megabytes). Waiting for its acknowledgement here, while the guest runs, keeps
             // that backlog out of the pause.
             try acknowledgedPass(report)
-            step("precopy")
+            steps.lap("precopy")
+            report.phases = steps.laps
             // Switch-over.
             update { $0.phase = .switchover }
             let pauseStart = monotonicNanoseconds()
-            var mark = pauseStart
-            func phase(_ name: String) {
-                let now = monotonicNanoseconds()
-                report.switchOverPhases.append((name, now - mark))
-                mark = now
-            }
+            var switchOver = PhaseClock(startingAt: pauseStart)
             if wasRunning {
                 do throws(MachineError) { try machine.pause() } catch { throw .machine("cannot pause: \(error)") }
                 pausedByUs = true
             }
-            phase("pause")
+            switchOver.lap("pause")
             machine.lifecycle.throttle.clear()
             let final = try dirtyPages()
             report.finalPages = final.count
             try sendPages(final, skipZero: false, &report)
             report.passes += 1
-            phase("final_pages")
+            switchOver.lap("final_pages")
             var snapshot: MachineSnapshot
             do throws(SnapshotError) { snapshot = try machine.captureState() } catch {
                 throw .machine("capturing the machine state: \(error)")
@@ -222,27 +213,28 @@ public final class MigrationSender: @unchecked Sendable {
                 // The disks are closed: what their close wrote is the last of it.
                 for mirror in mirrors { report.diskBytesSent += try mirror.sendChanged(stream, staging) }
             }
-            phase("disks")
+            switchOver.lap("disks")
             let state: [UInt8]
             do throws(StateCodingError) { state = Array(try StateCoder.encode(snapshot).rendered().utf8) } catch {
                 throw .machine("encoding the machine state: \(error)")
             }
-            phase("capture")
+            switchOver.lap("capture")
             try stream.send(.state, state)
             var complete: [(String, JSONValue)] = [("pages", .number(Int64(report.pagesSent))), ("passes", .number(Int64(report.passes))),
                                                    ("paused", .bool(!wasRunning))]
             if options.storage == .copy { complete.append(("disks", .array(mirrors.map { $0.finalDescription() }))) }
             try stream.send(.complete, json: .object(complete))
-            phase("send_state")
+            switchOver.lap("send_state")
             let prepared = try stream.receiveJSON(.prepared)
-            phase("prepared")
+            switchOver.lap("prepared")
             if case let .object(phases)? = prepared["phases_ms"] {
                 report.destinationPhases = phases.compactMap { name, value in value.doubleValue.map { (name, UInt64(max(0, $0) * 1e6)) } }
             }
             try stream.send(.go, [])
             goSent = true
             let running = try stream.receiveJSON(.running)
-            phase("running")
+            switchOver.lap("running")
+            report.switchOverPhases = switchOver.laps
             let end = monotonicNanoseconds()
             report.downtimeNanoseconds = end - pauseStart
             report.destinationResumeNanoseconds = UInt64(max(0, running["resume_ns"]?.int64Value ?? 0))

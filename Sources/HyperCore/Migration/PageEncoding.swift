@@ -17,7 +17,7 @@ public enum PageEncoding: UInt32, Sendable {
     /// The page's non-zero runs (see the type's description).
     case runs = 2
 
-    static let pageSize = 4096
+    static let pageSize = MigrationStream.pageSize
     static let runHeaderSize = 4
     /// A page is sent as runs only if that takes at most this many bytes; beyond it, the saving
     /// no longer pays for the receiver's zero-fill and the sender stops scanning early.
