@@ -26,7 +26,11 @@
  * across dirtymb=MIB MiB at 128 MiB, default 64: each page's first qword is
  * checked to hold what the guest last wrote there before the new value goes
  * in, so a page a migration lost or sent stale is caught; at the end every
- * page of the region is checked).
+ * page of the region is checked), uarthold=PCT (the UART handler spins PCT
+ * percent of a timer tick, interrupts off, before it reads IIR: a save or a
+ * migration then usually lands while the interrupt is in service and its
+ * line still high, where a restore that raises the line again would deliver
+ * it twice).
  *
  * Output (COM1): `stateful steps=N cpus=N blk=B con=C`, `touch=MIB` (with
  * touch), then `step=k` per step; at the end `pages_ok=N`, `disk_ok=N`
@@ -89,7 +93,7 @@
 #define fail virtio_fail
 
 static volatile u64 ticks, uart_irqs, uart_other;
-static u64 tsc_first_tick, tsc_last_tick;
+static u64 tsc_first_tick, tsc_last_tick, uart_hold_percent;
 
 /* APs: slot s (0..cpus-2) counts its own timer wake-ups in ap_count[s]. */
 volatile u32 ap_next_slot, ap_online;
@@ -135,6 +139,11 @@ static void on_ap_timer(struct trap_frame *f)
 static void on_uart(struct trap_frame *f)
 {
 	(void)f;
+	if (uart_hold_percent && ticks > 1) {
+		u64 per_tick = (tsc_last_tick - tsc_first_tick) / (ticks - 1);
+		for (u64 until = rdtsc() + per_tick * uart_hold_percent / 100; rdtsc() < until;)
+			__asm__ volatile("pause");
+	}
 	if ((inb(COM1 + UART_IIR) & 0x0f) == 0x02)	/* reading IIR acknowledges THR empty */
 		uart_irqs++;
 	else
@@ -384,6 +393,7 @@ void guest_main(struct hvm_start_info *si)
 	u64 cpus = arg("cpus", 1, MAX_CPUS), touch = arg("touch", 0, 4096), dense = arg("dense", 0, 32);
 	dirty_per_tick = arg("dirty", 0, 65536);
 	dirty_pages = arg("dirtymb", 64, 1u << 20) << 8;
+	uart_hold_percent = arg("uarthold", 0, 90);
 	if (!steps || !per_step || !cpus)
 		fail("steps, ticks and cpus must be at least 1");
 	u64 ram_end = pvh_ram_bytes(si) + (1ul << 20);	/* roughly: RAM starts at 0 and 1 MiB */

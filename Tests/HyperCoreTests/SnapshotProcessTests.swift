@@ -138,6 +138,46 @@ struct SnapshotProcessTests {
         #expect(Self.result(output) == expected)
     }
 
+    @Test("a save while the guest services its UART interrupt (vector in service, line still high): after each restore the interrupt is taken once, not twice",
+          .timeLimit(.minutes(2)))
+    func saveInsideInterruptHandler() throws {
+        let directory = try TemporaryDirectory()
+        let setup = Setup(cpus: 1, transport: "pci", disk: "raw", console: false)
+        // The handler spends 80% of each 10 ms step before it acknowledges the UART, so most
+        // saves land there. A restore that raised the line anew would deliver a second edge:
+        // the guest counts it (IIR then says nothing is pending) and fails with `error=uart_irqs`.
+        func arguments(disk: String?) throws -> [String] {
+            var arguments = try Self.arguments(setup, steps: 60, ticks: 1, disk: disk)
+            arguments[arguments.count - 1] += " uarthold=80"
+            return arguments
+        }
+        let reference = try TestHost.hvrun(try arguments(disk: nil), timeoutSeconds: 60)
+        #expect(reference.status == 0x41, "\(reference.stdout)\(reference.stderr)")
+        let expected = try #require(Self.result(reference.stdout))
+
+        let snapshot = directory.file("snapshot")
+        let socket = directory.file("control.sock")
+        var output = ""
+        var process = try VMProcess(try arguments(disk: nil) + ["--control", socket])
+        for cycle in 0..<8 {
+            let seen = Self.steps(output + process.output).last ?? 0
+            let deadline = Clock.now + 20
+            while (Self.steps(output + process.output).last ?? 0) <= seen, !process.hasExited, Clock.now < deadline { usleep(2_000) }
+            usleep(UInt32.random(in: 0..<10_000))
+            #expect(process.waitForSocket(socket))
+            let reply = try ControlClient(path: socket).execute("save", arguments: [("path", .string(snapshot))])
+            #expect(reply["return"] != nil, "cycle \(cycle): \(reply.rendered())")
+            #expect(process.wait(timeoutSeconds: 10) == 0, "cycle \(cycle): \(process.errors)")
+            output += process.output
+            process = try VMProcess(["run", "--restore", snapshot, "--control", socket, "--timeout", "60"])
+        }
+        #expect(process.wait(timeoutSeconds: 60) == 0x41, "\(process.errors)\(output.suffix(300))\(process.output.suffix(500))")
+        output += process.output
+        #expect(Self.steps(output) == Array(1...60))
+        #expect(output.contains("uart_irqs=60\n"), "\(output.suffix(600))")
+        #expect(Self.result(output) == expected)
+    }
+
     @Test("pause and resume 1,000 times while the guest runs: it finishes with the uninterrupted result", .timeLimit(.minutes(2)))
     func pauseResumeThousandTimes() throws {
         let directory = try TemporaryDirectory()

@@ -43,9 +43,17 @@ public final class ControlServer: @unchecked Sendable {
     /// The client whose request is being handled (server thread only).
     private var requestingClient: Int32 = -1
 
+    /// Work a verb in ``commands`` asked to start once its reply is sent (server thread only).
+    private var afterCurrentReply: [@Sendable () -> Void] = []
+
     /// For a verb in ``commands`` that starts a long operation: events to the client that asked
     /// (call it while handling the request, on the server's thread).
     public func eventsForCurrentRequest() -> ControlEvents { ControlEvents(duplicating: requestingClient) }
+
+    /// For a verb in ``commands``: `work` runs on the server's thread right after the verb's reply
+    /// has been sent, and only if the verb returned (not if it threw). A long operation starts its
+    /// thread here, so that the events it sends can never reach the client before the reply.
+    public func afterReply(_ work: @escaping @Sendable () -> Void) { afterCurrentReply.append(work) }
     static let maximumLine = 64 << 10
     static let maximumClients = 16
 
@@ -284,7 +292,13 @@ public final class ControlServer: @unchecked Sendable {
                 return (Self.success([], id: id), { [machine] in machine.finish(.stopped) })
             default:
                 if let command = commands[verb] {
-                    do { return (Self.success(try command(arguments), id: id), nil) } catch let error as ControlError {
+                    afterCurrentReply = []
+                    defer { afterCurrentReply = [] }
+                    do {
+                        let reply = try command(arguments)
+                        let work = afterCurrentReply
+                        return (Self.success(reply, id: id), work.isEmpty ? nil : { work.forEach { $0() } })
+                    } catch let error as ControlError {
                         throw error
                     } catch {
                         throw .failed("\(error)")

@@ -264,10 +264,19 @@ extension Machine {
     }
 
     /// Puts the VM-wide and device state back (the vCPUs already have theirs, set on their
-    /// threads): the interrupt controllers after the LAPICs they deliver to, then the PIT and
-    /// the clock, then the devices, which re-drive their interrupt lines.
+    /// threads): first the devices, which re-drive their interrupt lines, then the interrupt
+    /// controllers, then the PIT and the clock.
+    ///
+    /// The order matters for an edge-triggered pin whose device still holds its line high
+    /// because the guest is servicing it (the vector in the LAPIC's ISR, the device not yet
+    /// acknowledged). KVM keeps each line's level outside the state it saves, and leaves a
+    /// delivered edge out of the IOAPIC's saved IRR. Raised after `KVM_SET_IRQCHIP`, the line
+    /// would be a new edge and the guest would take the interrupt a second time. Raised before,
+    /// on the fresh IOAPIC whose pins are all masked, it only records the level; the restored
+    /// IOAPIC then re-delivers exactly what was pending and undelivered when the state was taken.
     func restoreMachineState(_ plan: RestorePlan) throws(SnapshotError) {
         let snapshot = plan.snapshot
+        try restoreDeviceStates(snapshot.devices)
         do throws(KVMError) {
             if configuration.inKernelIRQChip {
                 try vm.setInterruptControllerState(snapshot.vm.interruptControllers.map(\.bytes))
@@ -277,7 +286,10 @@ extension Machine {
         } catch {
             throw .kvm(error)
         }
-        var saved = snapshot.devices[...]
+    }
+
+    private func restoreDeviceStates(_ devices: [SavedDevice]) throws(SnapshotError) {
+        var saved = devices[...]
         for (name, bus) in [("port", portBus), ("mmio", mmioBus)] {
             for (range, device) in bus.registeredDevices {
                 guard let entry = saved.first, entry.bus == name, entry.base == range.base, entry.size == range.size else {
