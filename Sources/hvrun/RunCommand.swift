@@ -97,9 +97,13 @@ struct RunCommand: ParsableCommand {
     /// Internal: with --bundle, receive the VM from a live migration on this descriptor (what `hvrun vm receive` spawns).
     @Option(help: .private)
     var incomingFd: Int32?
+    /// Internal: wait on this descriptor for a bundle and a migration to receive into it (what
+    /// `hvrun vm receive` spawns ahead of the sender: StandbyVMProcess.swift).
+    @Option(help: .private)
+    var standbyFd: Int32?
 
     func validate() throws {
-        if bundle != nil { return }
+        if bundle != nil || standbyFd != nil { return }
         if let cpus, !(1...MachineConfiguration.maximumCPUs).contains(cpus) {
             throw ValidationError("--cpus must be between 1 and \(MachineConfiguration.maximumCPUs)")
         }
@@ -122,6 +126,7 @@ struct RunCommand: ParsableCommand {
 
     func run() throws {
         if let bundle { throw ExitCode(try BundleRun(path: bundle, incomingFD: incomingFd).run()) }
+        if let standbyFd { throw ExitCode(try StandbyVMProcess.serve(descriptor: standbyFd)) }
         // SIGUSR1 (with --save-on-signal), SIGINT and SIGTERM are blocked and collected before any
         // disk is opened or thread started, so each ends in the same orderly shutdown: stop the
         // machine, close every disk, then exit.

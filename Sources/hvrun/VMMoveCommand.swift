@@ -198,6 +198,9 @@ struct VMReceiveCommand: ParsableCommand {
         if case let .tcp(host, 0) = endpoint, let port = MigrationEndpoint.boundPort(listener) { shown = MigrationEndpoint.tcp(host: host, port: port).description }
         printOut("listening on \(shown)\n")
         if self.token == nil { printOut("token: \(token)\n") }
+        // The VM's process starts now, while the sender is not here yet (StandbyVMProcess.swift).
+        var standby = StandbyVMProcess.spawn()
+        defer { standby?.discard() }
         let fd = try MigrationEndpoint.accept(listener, timeoutSeconds: wait)
         var handedOver = false
         defer { if !handedOver { close(fd) } }
@@ -302,7 +305,12 @@ struct VMReceiveCommand: ParsableCommand {
             stream.abort("\(error)")
             throw error
         }
-        spawned = try spawnVMProcess(bundle, incoming: fd)
+        if let waiting = standby, waiting.handOver(bundle: bundle, connection: fd) {
+            spawned = waiting.pid
+            standby = nil
+        } else {
+            spawned = try spawnVMProcess(bundle, incoming: fd)
+        }
         handedOver = true
         close(fd)
         let deadline = monotonicSeconds() + 3600

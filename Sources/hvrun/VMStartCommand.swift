@@ -62,22 +62,30 @@ struct VMStartCommand: ParsableCommand {
 }
 
 /// Spawns a VM's own process, `hvrun run --bundle DIR` (with `--incoming-fd 3` when `incoming`
-/// is given: that descriptor becomes its descriptor 3), detached: a new session (no controlling
-/// terminal, no SIGHUP/SIGINT from the one we were started from), default signal handling, stdin
-/// /dev/null, stdout and stderr appended to the bundle's `hvrun.log`.
+/// is given: that descriptor becomes its descriptor 3), detached (see ``spawnDetachedHVRun``),
+/// stdout and stderr appended to the bundle's `hvrun.log`.
 func spawnVMProcess(_ bundle: VMBundle, incoming: Int32? = nil) throws -> pid_t {
+    // The process log keeps growing across starts: past 1 MiB the older part moves to hvrun.log.1.
+    if (StoreFiles.size(bundle.processLogPath) ?? 0) > 1 << 20 { rename(bundle.processLogPath, bundle.processLogPath + ".1") }
+    return try spawnDetachedHVRun(["run", "--bundle", bundle.path] + (incoming == nil ? [] : ["--incoming-fd", "3"]),
+                                  descriptor: incoming, log: bundle.processLogPath)
+}
+
+/// Spawns this executable with `arguments`, detached: a new session (no controlling terminal, no
+/// SIGHUP/SIGINT from the one we were started from), default signal handling, stdin /dev/null,
+/// `descriptor` (if any) as its descriptor 3, stdout and stderr appended to `log` (/dev/null
+/// when nil).
+func spawnDetachedHVRun(_ arguments: [String], descriptor: Int32?, log: String?) throws -> pid_t {
     var buffer = [CChar](repeating: 0, count: 4096)
     let length = readlink("/proc/self/exe", &buffer, buffer.count - 1)
     guard length > 0 else { throw StoreError.system(operation: "readlink", path: "/proc/self/exe", errno: errno) }
     let executable = String(decoding: buffer[0..<length].map { UInt8(bitPattern: $0) }, as: UTF8.self)
-    // The process log keeps growing across starts: past 1 MiB the older part moves to hvrun.log.1.
-    if (StoreFiles.size(bundle.processLogPath) ?? 0) > 1 << 20 { rename(bundle.processLogPath, bundle.processLogPath + ".1") }
     var actions = posix_spawn_file_actions_t()
     posix_spawn_file_actions_init(&actions)
     defer { posix_spawn_file_actions_destroy(&actions) }
-    if let incoming { posix_spawn_file_actions_adddup2(&actions, incoming, 3) }
+    if let descriptor { posix_spawn_file_actions_adddup2(&actions, descriptor, 3) }
     posix_spawn_file_actions_addopen(&actions, 0, "/dev/null", O_RDONLY, 0)
-    posix_spawn_file_actions_addopen(&actions, 1, bundle.processLogPath, O_WRONLY | O_CREAT | O_APPEND, 0o644)
+    posix_spawn_file_actions_addopen(&actions, 1, log ?? "/dev/null", O_WRONLY | O_CREAT | O_APPEND, 0o644)
     posix_spawn_file_actions_adddup2(&actions, 1, 2)
     var attributes = posix_spawnattr_t()
     posix_spawnattr_init(&attributes)
@@ -89,8 +97,7 @@ func spawnVMProcess(_ bundle: VMBundle, incoming: Int32? = nil) throws -> pid_t 
     var defaults = sigset_t()
     sigfillset(&defaults)
     posix_spawnattr_setsigdefault(&attributes, &defaults)
-    let words: [String] = [executable, "run", "--bundle", bundle.path] + (incoming == nil ? [] : ["--incoming-fd", "3"])
-    let argv = words.map { strdup($0) } + [nil]
+    let argv = ([executable] + arguments).map { strdup($0) } + [nil]
     defer { argv.forEach { free($0) } }
     var pid: pid_t = 0
     let spawned = posix_spawn(&pid, executable, &actions, &attributes, argv, environ)

@@ -157,6 +157,22 @@ struct MigrationProcessTests {
              + (uartHoldPercent > 0 ? " uarthold=\(uartHoldPercent)" : "")]
     }
 
+    /// The command line of process `pid` (arguments joined by spaces), or "" when it is gone.
+    static func commandLine(_ pid: pid_t) -> String {
+        let bytes = (try? StoreFiles.read("/proc/\(pid)/cmdline")) ?? []
+        return String(decoding: bytes.map { $0 == 0 ? 0x20 : $0 }, as: UTF8.self)
+    }
+
+    /// The standby VM processes (`hvrun run --standby-fd`) whose parent is `parent`.
+    static func standbyChildren(of parent: pid_t) -> [pid_t] {
+        StoreFiles.list("/proc").compactMap { Int32($0) }.filter { pid in
+            guard let stat = try? StoreFiles.read("/proc/\(pid)/stat"),
+                  let close = stat.lastIndex(of: UInt8(ascii: ")")) else { return false }
+            let fields = String(decoding: stat[(close + 2)...], as: UTF8.self).split(separator: " ")
+            return fields.count > 1 && Int32(fields[1]) == parent && commandLine(pid).contains("--standby-fd")
+        }
+    }
+
     /// Starts `vm receive` in `store` and returns it with the address and token it printed.
     static func receive(_ store: Store, listen: String, extra: [String] = []) throws -> (VMProcess, String, String) {
         let process = try store.spawn(["vm", "receive", "--listen", listen, "--wait", "60"] + extra)
@@ -228,6 +244,9 @@ struct MigrationProcessTests {
         #expect((report["passes"]?.int64Value ?? 0) >= 2 && pages > 2000 && runPages > pages / 2, "\(moved.stdout)")
         #expect((report["bytes_sent"]?.int64Value ?? .max) < pages * 256, "\(moved.stdout)")
         #expect(!StoreFiles.exists(source.bundle("mover").path), "the source's bundle is removed once the VM moved")
+        // The VM runs in the process the receive started before the sender came.
+        let vmProcess = try #require(destination.bundle("mover").processID)
+        #expect(Self.commandLine(vmProcess).contains("--standby-fd"), "\(Self.commandLine(vmProcess))")
         #expect(try ["running", "off"].contains(destination.state("mover")))
         // The guest runs to its end on the destination.
         #expect(try destination.waitFor(timeoutSeconds: 60) { try destination.state("mover") == "off" })
@@ -408,11 +427,16 @@ struct MigrationProcessTests {
         #expect(try source.run(["vm", "create", "stay"] + Self.guest(steps: 3000, dirty: 64)).status == 0)
         #expect(try source.run(["vm", "start", "stay"]).status == 0)
         let (receiver, address, _) = try Self.receive(destination, listen: "unix:" + destination.directory.file("in.sock"))
+        // The receive starts the VM's process while it waits; unused, it goes with the receive.
+        var standby: [pid_t] = []
+        _ = destination.waitFor(timeoutSeconds: 10) { standby = Self.standbyChildren(of: receiver.pid); return !standby.isEmpty }
+        #expect(standby.count == 1, "one standby VM process: \(standby)")
         let moved = try source.run(["vm", "move", "stay", "--to", address, "--token", MigrationToken.generate()])
         #expect(moved.status == 1, "\(moved.stdout)\(moved.stderr)")
         #expect(moved.stderr.contains("token") || moved.stderr.contains("refused"), "\(moved.stderr)")
         #expect(receiver.wait(timeoutSeconds: 10) == 1, "\(receiver.errors)")
         #expect(receiver.errors.contains("does not know the token"), "\(receiver.errors)")
+        for pid in standby { #expect(kill(pid, 0) != 0, "the unused standby \(pid) is gone: \(Self.commandLine(pid))") }
         #expect(try source.state("stay") == "running")
         Self.expectNothingReceived(destination)
         #expect(try source.run(["vm", "stop", "stay"]).status == 0)

@@ -16,5 +16,12 @@ long ckvm_writev(int fd, const void *_Nonnull const *_Nonnull bases, const size_
 /// prctl(PR_SET_PDEATHSIG): `signal` (0: none) is sent to this process when its parent ends.
 /// Returns 0 or -errno.
 int ckvm_set_parent_death_signal(int signal);
+/// Sends `length` bytes of `data` (at least 1) and the descriptor `passed` (SCM_RIGHTS) in one
+/// message on the Unix socket `socket`, MSG_NOSIGNAL. Returns bytes sent or -errno.
+long ckvm_send_descriptor(int socket, int passed, const void *_Nonnull data, size_t length);
+/// Receives one message of at most `capacity` bytes from the Unix socket `socket`, with at most
+/// one descriptor (close-on-exec), into `*passed` (-1 when none came; any extra is closed).
+/// Returns bytes received (0 at end of stream) or -errno.
+long ckvm_receive_descriptor(int socket, int *_Nonnull passed, void *_Nonnull data, size_t capacity);
 
 #endif
