@@ -116,15 +116,29 @@ struct SnapshotProcessTests {
         let disk = try Self.makeDisk("raw", in: directory)
         let snapshot = directory.file("snapshot")
         let socket = directory.file("control.sock")
+        let first = try VMProcess(try Self.arguments(setup, steps: 80, ticks: 1, disk: disk) + ["--control", socket])
+        var (process, output) = try Self.saveAndRestore(first, cycles: 20, snapshot: snapshot, socket: socket)
+        #expect(process.wait(timeoutSeconds: 60) == 0x41, "\(process.errors)")
+        output += process.output
+        #expect(Self.steps(output) == Array(1...80))
+        #expect(Self.result(output) == expected)
+    }
+
+    /// Saves `first` over its control socket after each new step it prints and continues it from
+    /// the snapshot in a new process, `cycles` times (each save `delay()` µs after the step).
+    /// Returns the last process, still running, and what the ones before it printed.
+    static func saveAndRestore(_ first: VMProcess, cycles: Int, snapshot: String, socket: String,
+                               delay: () -> UInt32 = { 0 }) throws -> (VMProcess, String) {
         var output = ""
-        var process = try VMProcess(try Self.arguments(setup, steps: 80, ticks: 1, disk: disk) + ["--control", socket])
-        for cycle in 0..<20 {
+        var process = first
+        for cycle in 0..<cycles {
             // A step line may be split between two processes (the save landed mid-line), so
             // progress is read from everything printed so far.
-            let seen = Self.steps(output + process.output).last ?? 0
+            let seen = steps(output + process.output).last ?? 0
             let deadline = Clock.now + 20
-            while (Self.steps(output + process.output).last ?? 0) <= seen, !process.hasExited, Clock.now < deadline { usleep(5_000) }
-            #expect((Self.steps(output + process.output).last ?? 0) > seen, "cycle \(cycle): \(process.output)\(process.errors)")
+            while (steps(output + process.output).last ?? 0) <= seen, !process.hasExited, Clock.now < deadline { usleep(2_000) }
+            #expect((steps(output + process.output).last ?? 0) > seen, "cycle \(cycle): \(process.output)\(process.errors)")
+            usleep(delay())
             #expect(process.waitForSocket(socket))
             let reply = try ControlClient(path: socket).execute("save", arguments: [("path", .string(snapshot))])
             #expect(reply["return"] != nil, "cycle \(cycle): \(reply.rendered())")
@@ -132,10 +146,7 @@ struct SnapshotProcessTests {
             output += process.output
             process = try VMProcess(["run", "--restore", snapshot, "--control", socket, "--timeout", "60"])
         }
-        #expect(process.wait(timeoutSeconds: 60) == 0x41, "\(process.errors)")
-        output += process.output
-        #expect(Self.steps(output) == Array(1...80))
-        #expect(Self.result(output) == expected)
+        return (process, output)
     }
 
     @Test("a save while the guest services its UART interrupt (vector in service, line still high): after each restore the interrupt is taken once, not twice",
@@ -157,19 +168,9 @@ struct SnapshotProcessTests {
 
         let snapshot = directory.file("snapshot")
         let socket = directory.file("control.sock")
-        var output = ""
-        var process = try VMProcess(try arguments(disk: nil) + ["--control", socket])
-        for cycle in 0..<8 {
-            let seen = Self.steps(output + process.output).last ?? 0
-            let deadline = Clock.now + 20
-            while (Self.steps(output + process.output).last ?? 0) <= seen, !process.hasExited, Clock.now < deadline { usleep(2_000) }
-            usleep(UInt32.random(in: 0..<10_000))
-            #expect(process.waitForSocket(socket))
-            let reply = try ControlClient(path: socket).execute("save", arguments: [("path", .string(snapshot))])
-            #expect(reply["return"] != nil, "cycle \(cycle): \(reply.rendered())")
-            #expect(process.wait(timeoutSeconds: 10) == 0, "cycle \(cycle): \(process.errors)")
-            output += process.output
-            process = try VMProcess(["run", "--restore", snapshot, "--control", socket, "--timeout", "60"])
+        let first = try VMProcess(try arguments(disk: nil) + ["--control", socket])
+        var (process, output) = try Self.saveAndRestore(first, cycles: 8, snapshot: snapshot, socket: socket) {
+            UInt32.random(in: 0..<10_000)
         }
         #expect(process.wait(timeoutSeconds: 60) == 0x41, "\(process.errors)\(output.suffix(300))\(process.output.suffix(500))")
         output += process.output
