@@ -31,11 +31,11 @@ final class BundleStorageMove: Sendable {
             let target = StoreFiles.canonical(directory)
             guard StoreFiles.isDirectory(target) else { throw ControlError.failed("\(target) is not a directory") }
             let stall = arguments["max_stall_ms"]?.doubleValue ?? 50
-            guard let server, case let events = server.eventsForCurrentRequest() else { throw ControlError.failed("the VM is ending") }
+            guard let events = server?.eventsForCurrentRequest() else { throw ControlError.failed("the VM is ending") }
             try checkpoints.acquire()
-            // The copy may take long: on a thread of its own, started once the reply is sent (a
-            // refusal found at once must not overtake it), the result as an event.
-            server.afterReply { [self] in startDetachedThread { [self] in
+            // The copy may take long: on a thread of its own, the result as an event (which the
+            // server holds until this reply is sent, however soon a refusal comes).
+            startDetachedThread { [self] in
                 let result: [(String, JSONValue)]
                 do throws(ControlError) {
                     result = [("status", .string("completed"))] + (try move(into: target, maxStall: stall))
@@ -45,7 +45,7 @@ final class BundleStorageMove: Sendable {
                 }
                 checkpoints.release()
                 events.send("STORAGE_MOVE", result)
-            } }
+            }
             return [("status", .string("active"))]
         }
     }

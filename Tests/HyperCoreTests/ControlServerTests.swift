@@ -8,32 +8,34 @@ import Glibc
 /// then the events (a client reads them in that order, as `hvrun vm move --storage-only` does).
 @Suite("control socket: owner verbs and their events", .serialized, .tags(.kvm), .enabled(if: TestHost.kvmUsable, TestHost.kvmSkipReason))
 struct ControlServerTests {
-    @Test("an event sent as soon as the work starts still follows the verb's reply; a verb that throws starts nothing",
+    @Test("an event the operation sends before its verb has even returned still follows the verb's reply, on every round; a refused verb leaves nothing queued",
           .timeLimit(.minutes(1)))
     func eventsFollowTheReply() throws {
         let directory = try TemporaryDirectory()
         let machine = try Machine(try GuestRun.configuration("spin.elf", memory: 16 << 20, cpus: 1))
         let server = try ControlServer(path: directory.file("control.sock"), machine: machine)
         server.commands["quick"] = { [unowned server] _ in
-            let events = server.eventsForCurrentRequest()
-            // The work is done before the reply could be written: only the ordering holds it back.
-            server.afterReply { events.send("QUICK", [("done", .bool(true))]) }
+            // Done before the reply could be written: only the server's hold keeps it back.
+            server.eventsForCurrentRequest().send("QUICK", [("done", .bool(true))])
             return [("status", .string("active"))]
         }
-        server.commands["refused"] = { [unowned server] _ in
+        server.commands["threaded"] = { [unowned server] _ in
             let events = server.eventsForCurrentRequest()
-            server.afterReply { events.send("SHOULD_NOT_BE_SENT", []) }
-            throw ControlError.refused("not now")
+            startDetachedThread { events.send("THREADED", []) }
+            return [("status", .string("active"))]
         }
+        server.commands["refused"] = { _ in throw ControlError.refused("not now") }
         try server.start()
         defer { server.close() }
 
         let connection = try ControlConnection(path: directory.file("control.sock"))
         for round in 0..<50 {
-            let reply = try connection.execute("quick")
-            #expect(reply["status"]?.stringValue == "active", "round \(round): \(reply.rendered())")
-            let event = try connection.readLine(timeoutSeconds: 5)
-            #expect(event["event"]?.stringValue == "QUICK", "round \(round): \(event.rendered())")
+            for (verb, event) in [("quick", "QUICK"), ("threaded", "THREADED")] {
+                let reply = try connection.execute(verb)
+                #expect(reply["status"]?.stringValue == "active", "round \(round): \(reply.rendered())")
+                let line = try connection.readLine(timeoutSeconds: 5)
+                #expect(line["event"]?.stringValue == event, "round \(round): \(line.rendered())")
+            }
         }
         #expect(throws: StoreError.self) { try connection.execute("refused") }
         // The next line is the reply to `info`: nothing was queued behind the refusal.

@@ -43,17 +43,19 @@ public final class ControlServer: @unchecked Sendable {
     /// The client whose request is being handled (server thread only).
     private var requestingClient: Int32 = -1
 
-    /// Work a verb in ``commands`` asked to start once its reply is sent (server thread only).
-    private var afterCurrentReply: [@Sendable () -> Void] = []
+    /// Events handed out for the request being handled, held until its reply is sent (server thread only).
+    private var eventsAwaitingReply: [ControlEvents] = []
 
     /// For a verb in ``commands`` that starts a long operation: events to the client that asked
-    /// (call it while handling the request, on the server's thread).
-    public func eventsForCurrentRequest() -> ControlEvents { ControlEvents(duplicating: requestingClient) }
+    /// (call it while handling the request, on the server's thread). They reach the client after
+    /// the verb's reply, however soon the operation sends them.
+    public func eventsForCurrentRequest() -> ControlEvents { events(for: requestingClient) }
 
-    /// For a verb in ``commands``: `work` runs on the server's thread right after the verb's reply
-    /// has been sent, and only if the verb returned (not if it threw). A long operation starts its
-    /// thread here, so that the events it sends can never reach the client before the reply.
-    public func afterReply(_ work: @escaping @Sendable () -> Void) { afterCurrentReply.append(work) }
+    func events(for clientFD: Int32) -> ControlEvents {
+        let events = ControlEvents(duplicating: clientFD)
+        eventsAwaitingReply.append(events)
+        return events
+    }
     static let maximumLine = 64 << 10
     static let maximumClients = 16
 
@@ -195,6 +197,8 @@ public final class ControlServer: @unchecked Sendable {
             if line.allSatisfy({ $0 == 0x20 || $0 == 0x0D || $0 == 0x09 }) { continue }
             let (reply, after) = handle(line, clientFD: client.fd)
             send(reply, to: client)
+            eventsAwaitingReply.forEach { $0.release() }
+            eventsAwaitingReply = []
             after?()
         }
         if client.buffer.count > Self.maximumLine {
@@ -292,13 +296,7 @@ public final class ControlServer: @unchecked Sendable {
                 return (Self.success([], id: id), { [machine] in machine.finish(.stopped) })
             default:
                 if let command = commands[verb] {
-                    afterCurrentReply = []
-                    defer { afterCurrentReply = [] }
-                    do {
-                        let reply = try command(arguments)
-                        let work = afterCurrentReply
-                        return (Self.success(reply, id: id), work.isEmpty ? nil : { work.forEach { $0() } })
-                    } catch let error as ControlError {
+                    do { return (Self.success(try command(arguments), id: id), nil) } catch let error as ControlError {
                         throw error
                     } catch {
                         throw .failed("\(error)")

@@ -149,7 +149,7 @@ extension ControlServer {
         }
         if let reason = migrationBlocker?() { return (Self.error("Refused", reason, id: id), nil) }
         guard outgoing.begin() else { return (Self.error("GenericError", "a migration is already running or done", id: id), nil) }
-        let events = ControlEvents(duplicating: clientFD)
+        let events = events(for: clientFD)
         let machine = self.machine
         let outgoing = self.outgoing
         return (Self.success([("status", .string("active"))], id: id), {
