@@ -157,19 +157,13 @@ struct MigrationProcessTests {
              + (uartHoldPercent > 0 ? " uarthold=\(uartHoldPercent)" : "")]
     }
 
-    /// The command line of process `pid` (arguments joined by spaces), or "" when it is gone.
-    static func commandLine(_ pid: pid_t) -> String {
-        let bytes = (try? StoreFiles.read("/proc/\(pid)/cmdline")) ?? []
-        return String(decoding: bytes.map { $0 == 0 ? 0x20 : $0 }, as: UTF8.self)
-    }
-
     /// The standby VM processes (`hvrun run --standby-fd`) whose parent is `parent`.
     static func standbyChildren(of parent: pid_t) -> [pid_t] {
         StoreFiles.list("/proc").compactMap { Int32($0) }.filter { pid in
             guard let stat = try? StoreFiles.read("/proc/\(pid)/stat"),
                   let close = stat.lastIndex(of: UInt8(ascii: ")")) else { return false }
             let fields = String(decoding: stat[(close + 2)...], as: UTF8.self).split(separator: " ")
-            return fields.count > 1 && Int32(fields[1]) == parent && commandLine(pid).contains("--standby-fd")
+            return fields.count > 1 && Int32(fields[1]) == parent && commandLine(of: pid).contains("--standby-fd")
         }
     }
 
@@ -246,7 +240,7 @@ struct MigrationProcessTests {
         #expect(!StoreFiles.exists(source.bundle("mover").path), "the source's bundle is removed once the VM moved")
         // The VM runs in the process the receive started before the sender came.
         let vmProcess = try #require(destination.bundle("mover").processID)
-        #expect(Self.commandLine(vmProcess).contains("--standby-fd"), "\(Self.commandLine(vmProcess))")
+        #expect(commandLine(of: vmProcess).contains("--standby-fd"), "\(commandLine(of: vmProcess))")
         #expect(try ["running", "off"].contains(destination.state("mover")))
         // The guest runs to its end on the destination.
         #expect(try destination.waitFor(timeoutSeconds: 60) { try destination.state("mover") == "off" })
@@ -436,7 +430,7 @@ struct MigrationProcessTests {
         #expect(moved.stderr.contains("token") || moved.stderr.contains("refused"), "\(moved.stderr)")
         #expect(receiver.wait(timeoutSeconds: 10) == 1, "\(receiver.errors)")
         #expect(receiver.errors.contains("does not know the token"), "\(receiver.errors)")
-        for pid in standby { #expect(kill(pid, 0) != 0, "the unused standby \(pid) is gone: \(Self.commandLine(pid))") }
+        for pid in standby { #expect(kill(pid, 0) != 0, "the unused standby \(pid) is gone: \(commandLine(of: pid))") }
         #expect(try source.state("stay") == "running")
         Self.expectNothingReceived(destination)
         #expect(try source.run(["vm", "stop", "stay"]).status == 0)

@@ -138,7 +138,7 @@ struct SnapshotStateTests {
         harness.initialize()
         #expect(harness.status & VirtioStatus.driverOK.rawValue != 0)
         // Program MSI-X vector 0 and enable MSI-X through config space.
-        harness.transport.msix.tableWrite(offset: 0, from: UnsafeRawBufferPointer(start: [UInt32(0xFEE0_0000)], count: 4))
+        withUnsafeBytes(of: UInt32(0xFEE0_0000)) { harness.transport.msix.tableWrite(offset: 0, from: $0) }
         let saved = try harness.transport.saveState()
         let copy = try VirtioHarness(device: VirtioEntropy(), queueSize: 8)
         try copy.transport.restoreState(saved)

@@ -47,8 +47,7 @@ final class SwitchHostNamespace {
         let pidFiles = StoreFiles.list(home + "/switches").filter { $0.hasSuffix(".dnsmasq.pid") }.map { home + "/switches/" + $0 } + extraPIDFiles
         for file in pidFiles {
             guard let bytes = try? StoreFiles.read(file), let pid = Int32(String(decoding: bytes, as: UTF8.self).split(separator: "\n").first ?? ""),
-                  pid > 1, let command = try? StoreFiles.read("/proc/\(pid)/cmdline"),
-                  String(decoding: command.map { $0 == 0 ? 0x20 : $0 }, as: UTF8.self).contains(file) else { continue }
+                  pid > 1, commandLine(of: pid).contains(file) else { continue }
             // SIGKILL: a dnsmasq spawned from this process inherits its blocked signals (the
             // test runner blocks SIGTERM), so it would never see a SIGTERM.
             kill(pid, SIGKILL)

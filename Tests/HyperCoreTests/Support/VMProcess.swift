@@ -184,6 +184,12 @@ final class ControlClient {
     }
 }
 
+/// The command line of process `pid`, its arguments joined by spaces; "" when it is gone.
+func commandLine(of pid: pid_t) -> String {
+    let bytes = (try? StoreFiles.read("/proc/\(pid)/cmdline")) ?? []
+    return String(decoding: bytes.map { $0 == 0 ? 0x20 : $0 }, as: UTF8.self)
+}
+
 enum Clock {
     static var now: Double {
         var spec = timespec()
