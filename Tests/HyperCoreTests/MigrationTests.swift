@@ -208,6 +208,30 @@ struct MigrationProtocolTests {
         }
     }
 
+    @Test("destination pages: runs of 16 or more consecutive pages are found; populate allocates exactly its range and keeps it zero")
+    func populatingRuns() throws {
+        let page: UInt64 = 4096
+        let dense = (0..<20).map { 0x10000 + $0 * page }
+        let short = (0..<15).map { 0x100000 + $0 * page }
+        let scattered = stride(from: UInt64(0x200000), to: UInt64(0x240000), by: Int(2 * page))
+        let runs = MigrationReceiver.consecutiveRuns(of: dense + short + Array(scattered) + dense, pageSize: page, shortest: 16)
+        #expect(runs == [0x10000..<(0x10000 + 20 * page), 0x10000..<(0x10000 + 20 * page)])
+        #expect(MigrationReceiver.consecutiveRuns(of: [], pageSize: page, shortest: 16).isEmpty)
+
+        let memory = try GuestMemory(size: 1 << 20)
+        func resident(_ address: UInt64, _ pages: Int) -> [Bool] {
+            var vector = [UInt8](repeating: 0, count: pages)
+            #expect(mincore(memory.pointer(at: address, count: pages * 4096)!, pages * 4096, &vector) == 0)
+            return vector.map { $0 & 1 == 1 }
+        }
+        #expect(resident(0x8000, 10).allSatisfy { !$0 }, "fresh guest RAM should not be resident yet")
+        #expect(memory.populate(at: 0x8000, count: 8 * 4096))
+        #expect(resident(0x8000, 10) == [Bool](repeating: true, count: 8) + [false, false])
+        let bytes = UnsafeRawBufferPointer(start: memory.pointer(at: 0x8000, count: 8 * 4096)!, count: 8 * 4096)
+        #expect(bytes.allSatisfy { $0 == 0 })
+        #expect(!memory.populate(at: (1 << 20) - 4096, count: 2 * 4096), "a range past RAM is refused")
+    }
+
     @Test("a memory section whose table lies (encoding, sizes, address, length) or whose runs are bad is refused")
     func hostileMemorySections() throws {
         let memory = try GuestMemory(size: 1 << 20)

@@ -101,6 +101,21 @@ public final class GuestMemory: @unchecked Sendable {
         return nil
     }
 
+    /// Allocates the host pages behind `count` bytes at `address` now, in one system call
+    /// (`MADV_POPULATE_WRITE`), instead of one page fault per page as they are first written.
+    /// Best effort: false when the range is not RAM or the kernel (before 5.14) cannot.
+    @discardableResult
+    public func populate(at address: UInt64, count: Int) -> Bool {
+        guard count > 0, let start = pointer(at: address, count: count) else { return false }
+        let pageMask = UInt(4096 - 1)
+        let first = UInt(bitPattern: start) & ~pageMask
+        let end = (UInt(bitPattern: start) + UInt(count) + pageMask) & ~pageMask
+        return madvise(UnsafeMutableRawPointer(bitPattern: first), Int(end - first), Self.populateWrite) == 0
+    }
+
+    /// `MADV_POPULATE_WRITE` (Linux 5.14), which Glibc's module map does not export.
+    private static let populateWrite: Int32 = 23
+
     /// Like ``pointer(at:count:)`` but throws a descriptive error.
     @inlinable
     public func checkedPointer(at address: UInt64, count: Int) throws(GuestMemoryError) -> UnsafeMutableRawPointer {
