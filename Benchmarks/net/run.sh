@@ -9,16 +9,22 @@
 #                 reach it and times first to last with its TSC (converted with the host's TSC
 #                 rate, the same for both VMMs).
 #   ping:         `ping -c 20 -i 0.05` from the host to the guest (guest in its answering loop).
+# BATCH=B runs the guest's batched driver path (`batch=B`: frames written once, one notification
+# per B frames sent or per drain of received ones) so that the VMMs, not the emulated guest's
+# copies, set the pace; BATCH=0 (the default) is the plain copy-per-frame driver.
 # Usage: Benchmarks/net/run.sh [N] [ROUNDS]   (root; needs ip, dnsmasq not needed, python3, qemu)
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 N=${1:-2000}
 ROUNDS=${2:-2}
-HVRUN=${HVRUN:-$PWD/.build/debug/hvrun}
+HVRUN=${HVRUN:-$PWD/.build-static/release/hvrun}
+BATCH=${BATCH:-0}
+extra=""
+[ "$BATCH" = 0 ] || extra=" batch=$BATCH"
 GUEST=${GUEST:-$PWD/.build/test-guests/net.elf}
 [ "$(id -u)" = 0 ] || { echo "needs root (network namespace, bridge, taps)"; exit 1; }
 for tool in ip python3 qemu-system-x86_64; do command -v $tool >/dev/null || { echo "needs $tool"; exit 1; }; done
-[ -x "$HVRUN" ] && [ -f "$GUEST" ] || { echo "build first: swift build; make -C Tests/Guests OUT=\$PWD/.build/test-guests"; exit 1; }
+[ -x "$HVRUN" ] && [ -f "$GUEST" ] || { echo "build first: Scripts/install.sh --build-only; make -C Tests/Guests OUT=\$PWD/.build/test-guests"; exit 1; }
 
 NS=hcbench-$$
 HOME_DIR=$(mktemp -d /tmp/hvrun-netbench-XXXXXX)
@@ -85,14 +91,14 @@ for round in $(seq 1 "$ROUNDS"); do
 		receiver > "$out.recv" &
 		rpid=$!
 		sleep 0.5
-		pid=$(start_guest $vmm "ip=10.33.0.2 peer=10.33.0.1 count=1 udp=$N size=1472" "$out")
+		pid=$(start_guest $vmm "ip=10.33.0.2 peer=10.33.0.1 count=1 udp=$N size=1472$extra" "$out")
 		wait $rpid || true
 		wait "$pid" 2>/dev/null || true
 		read -r got secs < "$out.recv"
 		python3 -c "import sys; n,t=int(sys.argv[1]),float(sys.argv[2]); fps=(n-1)/t if t>0 else 0; print('%-10s %-6s %-14s %12d %10.0f %12.3f' % (sys.argv[3], sys.argv[4], 'guest->host', n, fps, fps*1514*8/1e9))" "$got" "$secs" $vmm "$round"
 		# host → guest, then ping
 		: > "$out"
-		pid=$(start_guest $vmm "ip=10.33.0.2 peer=10.33.0.1 count=1 sink=$N answer=20" "$out")
+		pid=$(start_guest $vmm "ip=10.33.0.2 peer=10.33.0.1 count=1 sink=$N answer=20$extra" "$out")
 		wait_line "$out" sink_ready || { echo "$vmm: the guest did not get ready"; cat "$out"; exit 1; }
 		sender 10.33.0.2
 		wait_line "$out" "udp_received=" || true

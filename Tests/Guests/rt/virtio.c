@@ -296,6 +296,63 @@ int vnet_send(struct vnet *n, const void *frame, u32 len)
 	return 1;
 }
 
+void vnet_fill_tx(struct vnet *n, const void *frame, u32 len)
+{
+	for (u16 id = 0; id < n->tx.size; id++) {
+		memset(n->txbuf[id], 0, VIRTIO_NET_HDR);
+		memcpy(n->txbuf[id] + VIRTIO_NET_HDR, frame, len);
+	}
+}
+
+int vnet_send_filled(struct vnet *n, u32 len, int kick)
+{
+	struct vq *q = &n->tx;
+	while (q->last_used != virtio_used_idx(q)) {
+		q->last_used++;
+		n->tx_free++;
+	}
+	if (!n->tx_free)
+		return 0;
+	u16 id = q->avail_idx % q->size;
+	q->desc[id].addr = (u64)n->txbuf[id];
+	q->desc[id].len = VIRTIO_NET_HDR + len;
+	q->desc[id].flags = 0;
+	n->tx_free--;
+	virtio_publish(q, id);
+	if (kick || !n->tx_free)
+		virtio_kick(q);
+	return 1;
+}
+
+const u8 *vnet_rx_next(struct vnet *n, u32 *len, u16 *id_out)
+{
+	struct vq *q = &n->rx;
+	if (q->last_used == virtio_used_idx(q))
+		return 0;
+	__asm__ volatile("" ::: "memory");
+	u32 slot = q->last_used % q->size;
+	u16 id = (u16)q->used[1 + 2 * slot];
+	u32 used_len = q->used[2 + 2 * slot];
+	q->last_used++;
+	if (id >= q->size)
+		virtio_fail("rx used id out of range");
+	u8 *buf = n->rxbuf[id];
+	u16 nb = (u16)(buf[10] | buf[11] << 8);
+	for (u16 extra = 1; extra < nb && q->last_used != virtio_used_idx(q); extra++) {
+		u32 s = q->last_used % q->size;
+		u16 xid = (u16)q->used[1 + 2 * s];
+		if (xid >= q->size)
+			virtio_fail("rx used id out of range");
+		vnet_post_rx(n, xid);
+		q->last_used++;
+	}
+	*id_out = id;
+	*len = used_len >= VIRTIO_NET_HDR && used_len <= VNET_BUF ? used_len - VIRTIO_NET_HDR : 0;
+	return buf + VIRTIO_NET_HDR;
+}
+
+void vnet_rx_release(struct vnet *n, u16 id) { vnet_post_rx(n, id); }
+
 int vnet_recv(struct vnet *n, void *frame, u32 cap, u16 *num_buffers)
 {
 	struct vq *q = &n->rx;

@@ -130,4 +130,17 @@ int vnet_send(struct vnet *n, const void *frame, u32 len);
  */
 int vnet_recv(struct vnet *n, void *frame, u32 cap, u16 *num_buffers);
 
+/*
+ * The batched path (net.c's batch=B): every tx buffer holds the same frame,
+ * written once by vnet_fill_tx; vnet_send_filled queues it and notifies the
+ * device only when `kick` is set or the ring is full (0 when no buffer is
+ * free). vnet_rx_next returns the next received frame in place (its length
+ * in *len, its buffer in *id) or 0; vnet_rx_release gives the buffer back once
+ * read, and the caller notifies the rx queue once per batch.
+ */
+void vnet_fill_tx(struct vnet *n, const void *frame, u32 len);
+int vnet_send_filled(struct vnet *n, u32 len, int kick);
+const u8 *vnet_rx_next(struct vnet *n, u32 *len, u16 *id);
+void vnet_rx_release(struct vnet *n, u16 id);
+
 #endif
