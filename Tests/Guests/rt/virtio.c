@@ -338,6 +338,7 @@ const u8 *vnet_rx_next(struct vnet *n, u32 *len, u16 *id_out)
 		virtio_fail("rx used id out of range");
 	u8 *buf = n->rxbuf[id];
 	u16 nb = (u16)(buf[10] | buf[11] << 8);
+	/* Further buffers of a merged frame (num_buffers > 1) are not used here: give them back. */
 	for (u16 extra = 1; extra < nb && q->last_used != virtio_used_idx(q); extra++) {
 		u32 s = q->last_used % q->size;
 		u16 xid = (u16)q->used[1 + 2 * s];
@@ -355,39 +356,18 @@ void vnet_rx_release(struct vnet *n, u16 id) { vnet_post_rx(n, id); }
 
 int vnet_recv(struct vnet *n, void *frame, u32 cap, u16 *num_buffers)
 {
-	struct vq *q = &n->rx;
-	if (q->last_used == virtio_used_idx(q))
+	u32 len;
+	u16 id;
+	const u8 *f = vnet_rx_next(n, &len, &id);
+	if (!f)
 		return -1;
-	__asm__ volatile("" ::: "memory");
-	u32 slot = q->last_used % q->size;
-	u16 id = (u16)q->used[1 + 2 * slot];
-	u32 len = q->used[2 + 2 * slot];
-	q->last_used++;
-	if (id >= q->size)
-		virtio_fail("rx used id out of range");
-	u8 *buf = n->rxbuf[id];
-	u16 nb = (u16)(buf[10] | buf[11] << 8);
-	*num_buffers = nb;
-	int got = -2;	/* a frame without room: dropped, reported as length 0 */
-	if (len >= VIRTIO_NET_HDR && len <= VNET_BUF) {
-		u32 flen = len - VIRTIO_NET_HDR;
-		if (flen > cap) {
-			flen = cap;
-			__asm__ volatile("" ::: "memory");	/* a branch, not cmovbe (the FORBIDDEN check matches movbe) */
-		}
-		memcpy(frame, buf + VIRTIO_NET_HDR, flen);
-		got = (int)flen;
+	*num_buffers = (u16)(n->rxbuf[id][10] | n->rxbuf[id][11] << 8);
+	if (len > cap) {
+		len = cap;
+		__asm__ volatile("" ::: "memory");	/* a branch, not cmovbe (the FORBIDDEN check matches movbe) */
 	}
-	vnet_post_rx(n, id);
-	/* Further buffers of a merged frame (num_buffers > 1) are not used here: give them back. */
-	for (u16 extra = 1; extra < nb && q->last_used != virtio_used_idx(q); extra++) {
-		u32 s = q->last_used % q->size;
-		u16 xid = (u16)q->used[1 + 2 * s];
-		if (xid >= q->size)
-			virtio_fail("rx used id out of range");
-		vnet_post_rx(n, xid);
-		q->last_used++;
-	}
-	virtio_kick(q);
-	return got < 0 ? 0 : got;
+	memcpy(frame, f, len);	/* a frame without room (length 0) is dropped, reported as 0 */
+	vnet_rx_release(n, id);
+	virtio_kick(&n->rx);
+	return (int)len;
 }
