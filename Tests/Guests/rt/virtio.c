@@ -298,6 +298,8 @@ int vnet_send(struct vnet *n, const void *frame, u32 len)
 
 void vnet_fill_tx(struct vnet *n, const void *frame, u32 len)
 {
+	if (len > VNET_BUF - VIRTIO_NET_HDR)
+		virtio_fail("frame larger than a tx buffer");
 	for (u16 id = 0; id < n->tx.size; id++) {
 		memset(n->txbuf[id], 0, VIRTIO_NET_HDR);
 		memcpy(n->txbuf[id] + VIRTIO_NET_HDR, frame, len);
