@@ -122,7 +122,6 @@ static void arp(u16 op, const u8 *dst_mac, u32 dst_ip)
 	send(out, 60);
 }
 
-/* An IPv4 packet of `payload` bytes already at out+34; fills the Ethernet and IP headers. */
 /* Builds an IPv4 frame around the `payload` bytes already at out + 34; returns its length. */
 static u32 ip_build(const u8 *dst_mac, u32 dst, u8 proto, u32 payload)
 {
@@ -150,6 +149,18 @@ static u32 ip_build(const u8 *dst_mac, u32 dst, u8 proto, u32 payload)
 static void ip_send(const u8 *dst_mac, u32 dst, u8 proto, u32 payload)
 {
 	send(out, ip_build(dst_mac, dst, proto, payload));
+}
+
+/* A UDP datagram to the peer's port 9 (discard) with `size` payload bytes, `seq` first; returns the frame length. */
+static u32 udp_build(u64 size, u8 seq)
+{
+	u8 *u = out + 34;
+	put16(u, 40000);
+	put16(u + 2, 9);
+	put16(u + 4, (u16)(8 + size));
+	put16(u + 6, 0);	/* no UDP checksum (allowed on IPv4) */
+	u[8] = seq;
+	return ip_build(peer_mac, peer_ip, 17, (u32)(8 + size));
 }
 
 static void ping(u16 seq)
@@ -393,12 +404,7 @@ void guest_main(struct hvm_start_info *si)
 	}
 	printf("pings_ok=%lu\n", ok);
 	if (udp && peer_known && batch) {
-		u8 *u = out + 34;
-		put16(u, 40000);
-		put16(u + 2, 9);
-		put16(u + 4, (u16)(8 + size));
-		put16(u + 6, 0);
-		u32 len = ip_build(peer_mac, peer_ip, 17, (u32)(8 + size));
+		u32 len = udp_build(size, 0);
 		vnet_fill_tx(&net, out, len);
 		u64 sent = 0, start = rdtsc();
 		for (u64 tries = 0; sent < udp; tries++) {
@@ -414,13 +420,7 @@ void guest_main(struct hvm_start_info *si)
 	} else if (udp && peer_known) {
 		u64 sent = 0, start = rdtsc();
 		for (u64 i = 0; i < udp; i++) {
-			u8 *u = out + 34;
-			put16(u, 40000);
-			put16(u + 2, 9);
-			put16(u + 4, (u16)(8 + size));
-			put16(u + 6, 0);	/* no UDP checksum (allowed on IPv4) */
-			u[8] = (u8)i;
-			ip_send(peer_mac, peer_ip, 17, (u32)(8 + size));
+			send(out, udp_build(size, (u8)i));
 			sent++;
 			u16 nb;
 			int len = vnet_recv(&net, frame, sizeof frame, &nb);
