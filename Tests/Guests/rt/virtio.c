@@ -273,27 +273,25 @@ void vnet_init(struct vnet *n, struct vdev *d, u64 wanted, struct vring rings[2]
 	virtio_kick(&n->rx);
 }
 
-int vnet_send(struct vnet *n, const void *frame, u32 len)
+/* Reclaims finished transmissions; returns how many tx buffers are free. */
+static u16 vnet_tx_reclaim(struct vnet *n)
 {
 	struct vq *q = &n->tx;
-	/* Reclaim finished transmissions. */
 	while (q->last_used != virtio_used_idx(q)) {
 		q->last_used++;
 		n->tx_free++;
 	}
-	if (!n->tx_free || len > VNET_BUF - VIRTIO_NET_HDR)
+	return n->tx_free;
+}
+
+int vnet_send(struct vnet *n, const void *frame, u32 len)
+{
+	if (!vnet_tx_reclaim(n) || len > VNET_BUF - VIRTIO_NET_HDR)
 		return 0;
-	u16 id = q->avail_idx % q->size;
-	u8 *buf = n->txbuf[id];
+	u8 *buf = n->txbuf[n->tx.avail_idx % n->tx.size];
 	memset(buf, 0, VIRTIO_NET_HDR);
 	memcpy(buf + VIRTIO_NET_HDR, frame, len);
-	q->desc[id].addr = (u64)buf;
-	q->desc[id].len = VIRTIO_NET_HDR + len;
-	q->desc[id].flags = 0;
-	n->tx_free--;
-	virtio_publish(q, id);
-	virtio_kick(q);
-	return 1;
+	return vnet_send_filled(n, len, 1);
 }
 
 void vnet_fill_tx(struct vnet *n, const void *frame, u32 len)
@@ -309,11 +307,7 @@ void vnet_fill_tx(struct vnet *n, const void *frame, u32 len)
 int vnet_send_filled(struct vnet *n, u32 len, int kick)
 {
 	struct vq *q = &n->tx;
-	while (q->last_used != virtio_used_idx(q)) {
-		q->last_used++;
-		n->tx_free++;
-	}
-	if (!n->tx_free)
+	if (!vnet_tx_reclaim(n))
 		return 0;
 	u16 id = q->avail_idx % q->size;
 	q->desc[id].addr = (u64)n->txbuf[id];
