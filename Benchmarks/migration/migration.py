@@ -58,6 +58,15 @@ def longest_gap(steps):
     return best, where, missing
 
 
+def baseline_tick(steps):
+    """The median time between consecutive steps over the 100 before the migration (ms): what one
+    tick costs this guest on this host, migration or not. The longest gap minus this is what the
+    migration added."""
+    gaps = sorted(steps[k] - steps[k - 1] for k in range(WARMUP_STEP - 99, WARMUP_STEP + 1)
+                  if k in steps and k - 1 in steps)
+    return gaps[len(gaps) // 2] if gaps else 0.0
+
+
 class FileTail:
     """Polls console.log files (source, then destination) and timestamps each step= line."""
 
@@ -109,7 +118,7 @@ class FileTail:
         raise RuntimeError("no step=%d within %.0f s" % (k, deadline_s))
 
 
-def run_hvrun(hvrun, guest, memory, cmdline, workdir, max_downtime):
+def run_hvrun(hvrun, guest, memory, cmdline, workdir, max_downtime, dirty_log):
     homes = [os.path.join(workdir, "src"), os.path.join(workdir, "dst")]
     env = [dict(os.environ, HVRUN_HOME=h) for h in homes]
     subprocess.run([hvrun, "vm", "create", "g", "--kernel", guest, "--memory", "%dM" % memory, "--cmdline", cmdline],
@@ -126,7 +135,8 @@ def run_hvrun(hvrun, guest, memory, cmdline, workdir, max_downtime):
         token = receiver.stdout.readline().decode().split()[-1]
         tail.add(os.path.join(homes[1], "vms", "g", "console.log"))
         moved = subprocess.run([hvrun, "vm", "move", "g", "--to", address, "--token", token, "--json",
-                                "--max-downtime", str(max_downtime)], env=env[0], capture_output=True, timeout=300)
+                                "--max-downtime", str(max_downtime), "--dirty-log", dirty_log],
+                               env=env[0], capture_output=True, timeout=300)
         if moved.returncode != 0:
             raise RuntimeError("vm move: %s %s" % (moved.stdout, moved.stderr))
         receiver.wait(60)
@@ -134,7 +144,9 @@ def run_hvrun(hvrun, guest, memory, cmdline, workdir, max_downtime):
         last = max(tail.steps)
         tail.wait_step(last + AFTER_STEPS, 60)
         gap, where, missing = longest_gap(tail.steps)
-        return {"total_ms": report["total_ms"], "downtime_ms": report["downtime_ms"], "passes": report["passes"],
+        tick = baseline_tick(tail.steps)
+        return {"baseline_tick_ms": round(tick, 2), "gap_excess_ms": round(gap - tick, 2),"total_ms": report["total_ms"], "downtime_ms": report["downtime_ms"], "passes": report["passes"],
+                "dirty_log": report.get("dirty_log"), "dirty_log_ms": report.get("dirty_log_ms"),
                 "bytes_sent": report["bytes_sent"], "max_throttle_percent": report["max_throttle_percent"],
                 "guest_gap_ms": round(gap, 2), "gap_at_step": where, "missing_steps": len(missing),
                 "phases_ms": report.get("phases_ms"), "switchover_ms": report.get("switchover_ms"),
@@ -147,7 +159,7 @@ def run_hvrun(hvrun, guest, memory, cmdline, workdir, max_downtime):
             receiver.kill()
 
 
-def run_qemu(guest, memory, cmdline, workdir):
+def run_qemu(guest, memory, cmdline, workdir, uncapped=True):
     def spawn(tag, extra):
         qmp_path = os.path.join(workdir, tag + ".qmp")
         args = ["qemu-system-x86_64", "-M", "q35", "-accel", "kvm", "-m", str(memory), "-nodefaults",
@@ -181,7 +193,10 @@ def run_qemu(guest, memory, cmdline, workdir):
                 raise RuntimeError("qemu: no step=%d" % WARMUP_STEP)
             time.sleep(0.002)
         # QEMU 7.2 caps migration at 32 MiB/s unless told otherwise; loopback can do far more.
-        src_qmp.execute("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+        # `qemu` lifts the cap (the stronger peer); `qemu-default` keeps it, as a user who just
+        # types `migrate` gets.
+        if uncapped:
+            src_qmp.execute("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
         src_qmp.execute("migrate", uri="tcp:127.0.0.1:%d" % port)
         while True:
             info = src_qmp.execute("query-migrate")
@@ -197,7 +212,9 @@ def run_qemu(guest, memory, cmdline, workdir):
                 raise RuntimeError("qemu: the guest did not continue on the destination")
             time.sleep(0.002)
         gap, where, missing = longest_gap(steps)
-        return {"total_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),
+        tick = baseline_tick(steps)
+        return {"baseline_tick_ms": round(tick, 2), "gap_excess_ms": round(gap - tick, 2),
+                "total_ms": info.get("total-time"), "downtime_ms": info.get("downtime"),
                 "passes": info.get("ram", {}).get("dirty-sync-count"),
                 "bytes_sent": info.get("ram", {}).get("transferred"),
                 "guest_gap_ms": round(gap, 2), "gap_at_step": where, "missing_steps": len(missing)}
@@ -218,21 +235,27 @@ def main():
     parser.add_argument("--guest", required=True)
     parser.add_argument("--hvrun")
     parser.add_argument("--vmm", default="both", choices=["hvrun", "qemu", "both"])
+    parser.add_argument("--qemu-default", action="store_true",
+                        help="also run QEMU with its default 32 MiB/s cap (labelled qemu-default)")
     parser.add_argument("--cases", default="idle512,dirty512,dirty2g")
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--max-downtime", type=float, default=10, help="hvrun vm move --max-downtime (ms)")
+    parser.add_argument("--dirty-logs", default="manual",
+                        help="hvrun vm move --dirty-log values to run, comma-separated (classic runs are labelled hvrun-classic)")
     args = parser.parse_args()
-    vmms = ["hvrun", "qemu"] if args.vmm == "both" else [args.vmm]
+    hvruns = [("hvrun" if mode == "manual" else "hvrun-" + mode, mode) for mode in args.dirty_logs.split(",")]
+    qemus = [("qemu", None)] + ([("qemu-default", None)] if args.qemu_default else [])
+    vmms = (hvruns if args.vmm != "qemu" else []) + (qemus if args.vmm != "hvrun" else [])
     for repeat in range(args.repeat):
         for case in args.cases.split(","):
             memory, cmdline = CASES[case]
-            for vmm in vmms:
+            for vmm, dirty_log in vmms:
                 workdir = tempfile.mkdtemp(prefix="hvmig-")
                 try:
-                    if vmm == "hvrun":
-                        result = run_hvrun(args.hvrun, args.guest, memory, cmdline, workdir, args.max_downtime)
+                    if dirty_log:
+                        result = run_hvrun(args.hvrun, args.guest, memory, cmdline, workdir, args.max_downtime, dirty_log)
                     else:
-                        result = run_qemu(args.guest, memory, cmdline, workdir)
+                        result = run_qemu(args.guest, memory, cmdline, workdir, uncapped=vmm == "qemu")
                     result.update({"vmm": vmm, "case": case, "memory_mib": memory, "repeat": repeat})
                 except Exception as error:  # one failed run is reported, the others go on
                     result = {"vmm": vmm, "case": case, "repeat": repeat, "error": str(error)}

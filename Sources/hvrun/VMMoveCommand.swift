@@ -33,6 +33,8 @@ struct VMMoveCommand: ParsableCommand {
     var maxBandwidth: Double?
     @Flag(help: "Do not slow the guest's vCPUs when it dirties memory faster than the link carries it.")
     var noAutoConverge = false
+    @Option(help: ArgumentHelp("manual: KVM's manual dirty-log protection where the kernel offers it (pages write-protected a chunk at a time, as they are copied); classic: the whole of guest RAM write-protected when the move starts, and at each read of the log.", valueName: "manual|classic"))
+    var dirtyLog: String = "manual"
     @Flag(help: "Print one JSON object: passes, bytes_sent, total_ms, downtime_ms and more.")
     var json = false
 
@@ -46,6 +48,7 @@ struct VMMoveCommand: ParsableCommand {
         }
         guard to != nil, token != nil else { throw ValidationError("vm move needs --to ADDR and --token TOKEN (hvrun vm receive on the destination prints it)") }
         if let storage, storage != "shared", storage != "copy" { throw ValidationError("--storage must be shared or copy") }
+        guard dirtyLog == "manual" || dirtyLog == "classic" else { throw ValidationError("--dirty-log must be manual or classic") }
         if let timeout, !(timeout > 0) { throw ValidationError("--timeout must be a positive number of seconds") }
     }
 
@@ -80,7 +83,7 @@ struct VMMoveCommand: ParsableCommand {
             metadata.append(("vm", vm))
             var arguments: [(String, JSONValue)] = [
                 ("uri", .string(to!)), ("token", .string(token!)), ("storage", .string(mode)),
-                ("max_downtime_ms", .double(maxDowntime)), ("auto_converge", .bool(!noAutoConverge)),
+                ("max_downtime_ms", .double(maxDowntime)), ("auto_converge", .bool(!noAutoConverge)), ("dirty_log", .string(dirtyLog)),
                 ("metadata", .object(metadata)), ("files", .array(files)),
             ]
             if let timeout { arguments.append(("timeout_s", .double(timeout))) }

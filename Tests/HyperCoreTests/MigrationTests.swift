@@ -326,8 +326,8 @@ struct MigrationLibraryTests {
     }
 
     @Test("a guest dirtying 256 pages a tick moves and continues: every step once, every page right, same result",
-          .timeLimit(.minutes(2)))
-    func moveInProcess() throws {
+          .timeLimit(.minutes(2)), arguments: [true, false])
+    func moveInProcess(manualDirtyLog: Bool) throws {
         let line = "steps=150 ticks=1 dirty=256 dirtymb=32"
         let reference = BufferOutput()
         let exit = try Self.statefulMachine(line, memory: 256 << 20, console: reference).run(timeout: .seconds(60))
@@ -345,7 +345,11 @@ struct MigrationLibraryTests {
         let outcome = Self.receive(b, token: token, console: destinationConsole)
         var options = MigrationOptions()
         options.maxDowntimeMilliseconds = 20
+        options.manualDirtyLogProtection = manualDirtyLog
+        let offered = source.vm.supportedDirtyLogProtection
         let report = try MigrationSender(machine: source, stream: a, token: token, options: options).run()
+        #expect(report.dirtyLog == (!manualDirtyLog || !offered.contains(.manual) ? "get-and-clear"
+            : offered.contains(.initiallySet) ? "manual-protect+initially-set" : "manual-protect"))
         source.finish(.stopped)
         outcome.done.wait()
         #expect(outcome.error == nil, "\(String(describing: outcome.error))")
@@ -357,7 +361,7 @@ struct MigrationLibraryTests {
         #expect(SnapshotProcessTests.result(destinationConsole.text) == expected)
         #expect(destinationConsole.text.contains("dirty_ok="), "\(destinationConsole.text.suffix(500))")
         #expect(report.passes >= 2 && report.pagesSent > 0 && report.downtimeNanoseconds > 0)
-        print("moved: \(report.passes) passes, \(report.pagesSent) pages, \(report.bytesSent) bytes, total \(Double(report.totalNanoseconds) / 1e6) ms, downtime \(Double(report.downtimeNanoseconds) / 1e6) ms (destination resume \(Double(report.destinationResumeNanoseconds) / 1e6) ms), final pages \(report.finalPages)")
+        print("moved (\(report.dirtyLog)): \(report.passes) passes, \(report.pagesSent) pages, \(report.bytesSent) bytes, total \(Double(report.totalNanoseconds) / 1e6) ms, downtime \(Double(report.downtimeNanoseconds) / 1e6) ms (destination resume \(Double(report.destinationResumeNanoseconds) / 1e6) ms), final pages \(report.finalPages)")
     }
 
     @Test("a wrong token is refused on both sides; the source guest keeps running", .timeLimit(.minutes(1)))

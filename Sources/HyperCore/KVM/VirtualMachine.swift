@@ -71,6 +71,51 @@ public final class VirtualMachine: Sendable {
         return bitmap
     }
 
+    /// `KVM_CHECK_EXTENSION` asked of this VM: some capabilities answer per VM.
+    public func checkExtension(_ capability: Int32) -> Int32 {
+        max(0, ckvm_ioctl_arg(fileDescriptor, CKVM_CHECK_EXTENSION, UInt(capability)))
+    }
+
+    /// How `KVM_GET_DIRTY_LOG` treats what it reports (`KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`).
+    public struct DirtyLogProtection: OptionSet, Sendable {
+        public let rawValue: UInt64
+        public init(rawValue: UInt64) { self.rawValue = rawValue }
+        /// Reading the log neither clears it nor write-protects the pages it reports; the VMM
+        /// re-arms the pages it is about to copy with ``VirtualMachine/clearDirtyLog(slot:firstPage:pages:bitmap:)``.
+        public static let manual = DirtyLogProtection(rawValue: UInt64(KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE))
+        /// Turning logging on reports every page dirty instead of write-protecting the whole
+        /// slot at once: the protection then comes a chunk at a time, with each clear.
+        public static let initiallySet = DirtyLogProtection(rawValue: UInt64(KVM_DIRTY_LOG_INITIALLY_SET))
+    }
+
+    /// What this KVM offers of ``DirtyLogProtection`` (empty: only the classic read-and-clear log).
+    public var supportedDirtyLogProtection: DirtyLogProtection {
+        DirtyLogProtection(rawValue: UInt64(checkExtension(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)))
+            .intersection([.manual, .initiallySet])
+    }
+
+    /// `KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)`. Change it only while no slot logs
+    /// dirty pages: a slot's log is set up (all clear, or all set) when logging turns on.
+    public func setDirtyLogProtection(_ protection: DirtyLogProtection) throws(KVMError) {
+        var capability = kvm_enable_cap()
+        capability.cap = UInt32(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+        capability.args.0 = protection.rawValue
+        try call("KVM_ENABLE_CAP", CKVM_ENABLE_CAP, &capability, detail: "KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = \(protection.rawValue)")
+    }
+
+    /// `KVM_CLEAR_DIRTY_LOG` (manual protection): clears the bits of `bitmap` (one per page from
+    /// `firstPage`) in the slot's log and write-protects those pages, so that a guest write from
+    /// now on is logged again. Clear a page before copying it, never after. `firstPage` is a
+    /// multiple of 64, and `pages` too unless the range ends at the end of the slot.
+    public func clearDirtyLog(slot: UInt32, firstPage: UInt64, pages: UInt32, bitmap: UnsafeRawPointer) throws(KVMError) {
+        var clear = kvm_clear_dirty_log()
+        clear.slot = slot
+        clear.num_pages = pages
+        clear.first_page = firstPage
+        clear.dirty_bitmap = UnsafeMutableRawPointer(mutating: bitmap)
+        try call("KVM_CLEAR_DIRTY_LOG", CKVM_CLEAR_DIRTY_LOG, &clear, detail: "slot \(slot), pages \(firstPage)..<\(firstPage + UInt64(pages))")
+    }
+
     // MARK: Platform
 
     /// `KVM_SET_TSS_ADDR`: three pages KVM needs on Intel for real-mode emulation.

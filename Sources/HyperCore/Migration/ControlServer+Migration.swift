@@ -6,7 +6,8 @@ internal import Glibc
 /// The VM process's outgoing live migration, driven from its control socket:
 ///
 /// - `migrate` `{"uri": "HOST:PORT"|"unix:PATH", "token": T, "storage": "shared"|"copy",
-///   "max_downtime_ms": N, "timeout_s": N, "metadata": {…}, "files": [{"name","path"}]}` replies
+///   "max_downtime_ms": N, "timeout_s": N, "dirty_log": "manual"|"classic", "metadata": {…},
+///   "files": [{"name","path"}]}` replies
 ///   `{"status":"active"}` at once, then the migration runs on its own thread and the client
 ///   that asked gets QMP-style events on the same connection: `{"event":"MIGRATION_PASS",
 ///   "data":{…progress…}}` after each pass and one `{"event":"MIGRATION","data":{"status":
@@ -80,6 +81,7 @@ public final class OutgoingMigration: @unchecked Sendable {
 
     static func report(_ report: MigrationReport) -> [(String, JSONValue)] {
         [("passes", .number(Int64(report.passes))), ("bytes_sent", .number(Int64(report.bytesSent))),
+         ("dirty_log", .string(report.dirtyLog)), ("dirty_log_ms", PhaseClock.milliseconds(report.dirtyLogNanoseconds)),
          ("pages_sent", .number(Int64(report.pagesSent))), ("zero_pages_sent", .number(Int64(report.zeroPagesSent))),
          ("run_pages_sent", .number(Int64(report.runPagesSent))),
          ("final_pages", .number(Int64(report.finalPages))), ("disk_bytes_sent", .number(Int64(report.diskBytesSent))),
@@ -127,6 +129,10 @@ extension ControlServer {
                 parsed.timeoutSeconds = timeout
             }
             if let autoConverge = arguments["auto_converge"], case let .bool(value) = autoConverge { parsed.autoConverge = value }
+            if let dirtyLog = arguments["dirty_log"]?.stringValue {
+                guard dirtyLog == "manual" || dirtyLog == "classic" else { throw .usage("dirty_log must be manual or classic") }
+                parsed.manualDirtyLogProtection = dirtyLog == "manual"
+            }
             if let bandwidth = arguments["max_bandwidth_mbps"]?.doubleValue {
                 guard bandwidth > 0 else { throw .usage("max_bandwidth_mbps must be positive") }
                 parsed.maxBandwidthBytesPerSecond = bandwidth * 1e6

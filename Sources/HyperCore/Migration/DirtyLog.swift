@@ -115,13 +115,39 @@ extension Machine {
     var isPausedForMigration: Bool { runState == .paused }
 
     /// Turns KVM's dirty-page logging on or off on every memory slot (`KVM_MEM_LOG_DIRTY_PAGES`;
-    /// changing a slot's flags keeps its contents). Turning it on starts with an empty log.
-    func setDirtyLogging(_ enabled: Bool) throws(KVMError) {
+    /// changing a slot's flags keeps its contents) and returns the protection in effect.
+    ///
+    /// With `manualProtection` and a KVM that offers it, reading the log no longer re-arms it:
+    /// the caller clears each page's bit (``rearmDirtyPages(region:firstPage:pages:bitmap:)``)
+    /// just before it copies the page, and, where KVM offers `initiallySet`, turning logging on
+    /// marks every page dirty instead of write-protecting all guest RAM in one step — a stall the
+    /// guest sees, proportional to the RAM it has touched. Otherwise logging starts with an empty
+    /// log and each read clears what it reports (classic).
+    @discardableResult
+    func setDirtyLogging(_ enabled: Bool, manualProtection: Bool = false) throws(KVMError) -> VirtualMachine.DirtyLogProtection {
+        var protection: VirtualMachine.DirtyLogProtection = []
+        if enabled, manualProtection {
+            let offered = vm.supportedDirtyLogProtection
+            if offered.contains(.manual) {
+                try vm.setDirtyLogProtection(offered)
+                protection = offered
+            }
+        }
         for region in memory.regions {
             try vm.setMemoryRegion(slot: region.slot, guestAddress: region.guestAddress, size: region.size,
                                    hostAddress: region.hostAddress, flags: enabled ? .logDirtyPages : [])
         }
+        // Back to the classic log once no slot logs, so the next start chooses afresh.
+        if !enabled, !vm.supportedDirtyLogProtection.isEmpty { try vm.setDirtyLogProtection([]) }
         if enabled { memory.vmmWrites.start() } else { memory.vmmWrites.stop() }
+        return protection
+    }
+
+    /// Manual protection: clears the dirty bits `bitmap` names (one per page, from the region's
+    /// page `firstPage`) and write-protects those pages, so that the guest's next write to one is
+    /// logged. Call it before reading the pages.
+    func rearmDirtyPages(region index: Int, firstPage: Int, pages: Int, bitmap: UnsafeRawPointer) throws(KVMError) {
+        try vm.clearDirtyLog(slot: memory.regions[index].slot, firstPage: UInt64(firstPage), pages: UInt32(pages), bitmap: bitmap)
     }
 
     /// The pages written since the last call, per region (KVM's log for vCPU writes, OR-ed with

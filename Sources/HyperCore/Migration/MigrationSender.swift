@@ -28,6 +28,11 @@ public struct MigrationOptions: Sendable {
     /// Caps the pre-copy's send rate (bytes per second; nil: as fast as the link goes). The
     /// switch-over is never capped.
     public var maxBandwidthBytesPerSecond: Double?
+    /// Track dirty pages with KVM's manual protection (`KVM_CLEAR_DIRTY_LOG`, every page
+    /// initially dirty) where KVM offers it: write-protection then comes a chunk at a time, just
+    /// before each chunk is copied, instead of over all guest RAM when the migration starts.
+    /// False: the classic log, which `KVM_GET_DIRTY_LOG` clears and re-protects as it reads it.
+    public var manualDirtyLogProtection = true
 
     public init() {}
 }
@@ -62,6 +67,13 @@ public struct MigrationProgress: Sendable {
 public struct MigrationReport: Sendable {
     /// Memory passes, the final (paused) one included.
     public var passes = 0
+    /// How dirty pages were tracked: `manual-protect` (``MigrationOptions/manualDirtyLogProtection``
+    /// where KVM offers it, with every page initially dirty where it offers that too:
+    /// `manual-protect+initially-set`) or `get-and-clear` (the classic log).
+    public var dirtyLog = "get-and-clear"
+    /// Time spent reading the dirty log (`KVM_GET_DIRTY_LOG`, which under the classic log also
+    /// write-protects what it reports) and, under manual protection, re-arming it (`KVM_CLEAR_DIRTY_LOG`).
+    public var dirtyLogNanoseconds: UInt64 = 0
     public var bytesSent: UInt64 = 0
     public var pagesSent: UInt64 = 0
     public var zeroPagesSent: UInt64 = 0
@@ -126,6 +138,10 @@ public final class MigrationSender: @unchecked Sendable {
     private var staging: UnsafeMutableRawPointer
     /// Storage copy: the writable disks being copied (empty with shared storage).
     private var mirrors: [DiskMirror] = []
+    /// The dirty-log protection in effect while logging is on (empty: classic).
+    private var protection: VirtualMachine.DirtyLogProtection = []
+    /// ``MigrationReport/dirtyLogNanoseconds`` so far.
+    private var dirtyLogNanoseconds: UInt64 = 0
     /// Called after each pass and phase change (on the migrating thread).
     public var onProgress: (@Sendable (MigrationProgress) -> Void)?
 
@@ -176,10 +192,14 @@ public final class MigrationSender: @unchecked Sendable {
             // The destination builds RAM before it says ready (the machine after).
             _ = try stream.receiveJSON(.ready)
             steps.lap("ready")
-            do throws(KVMError) { try machine.setDirtyLogging(true) } catch {
+            do throws(KVMError) {
+                protection = try machine.setDirtyLogging(true, manualProtection: options.manualDirtyLogProtection)
+            } catch {
                 throw .machine("cannot turn on dirty-page logging: \(error)")
             }
             logging = true
+            report.dirtyLog = protection.contains(.initiallySet) ? "manual-protect+initially-set"
+                : protection.contains(.manual) ? "manual-protect" : "get-and-clear"
             steps.lap("dirty_logging")
             update { $0.phase = .precopy }
             try precopy(&report)
@@ -201,7 +221,7 @@ public final class MigrationSender: @unchecked Sendable {
             machine.lifecycle.throttle.clear()
             let final = try dirtyPages()
             report.finalPages = final.count
-            try sendPages(final, skipZero: false, &report)
+            try sendPass(final, rearm: false, &report)
             report.passes += 1
             switchOver.lap("final_pages")
             var snapshot: MachineSnapshot
@@ -240,12 +260,13 @@ public final class MigrationSender: @unchecked Sendable {
             report.destinationResumeNanoseconds = UInt64(max(0, running["resume_ns"]?.int64Value ?? 0))
             report.totalNanoseconds = end - started
             report.bytesSent = stream.bytesSent
-            try? machine.setDirtyLogging(false)
+            report.dirtyLogNanoseconds = dirtyLogNanoseconds
+            _ = try? machine.setDirtyLogging(false)
             update { $0.phase = .completed }
             return report
         } catch {
             machine.lifecycle.throttle.clear()
-            if logging { try? machine.setDirtyLogging(false) }
+            if logging { _ = try? machine.setDirtyLogging(false) }
             update { $0.phase = .failed }
             if goSent {
                 if case .peerAborted = error {
@@ -398,7 +419,7 @@ public final class MigrationSender: @unchecked Sendable {
         var passStart = monotonicNanoseconds()
         var before = moved(report)
         for mirror in mirrors { report.diskBytesSent += try mirror.sendAll(stream, staging) }
-        try sendPages(touchedPages(), skipZero: true, &report)
+        try sendPass(nil, rearm: true, &report)
         report.passes = 1
         try acknowledgedPass(report)
         bandwidth = measure(bytes: moved(report) - before, since: passStart, previous: bandwidth)
@@ -415,7 +436,7 @@ public final class MigrationSender: @unchecked Sendable {
             if estimate <= options.maxDowntimeMilliseconds {
                 // Sending this set while the guest runs takes about the budget; what it dirties
                 // meanwhile is what the pause must carry.
-                try sendPages(dirty, skipZero: false, &report)
+                try sendPass(dirty, rearm: true, &report)
                 for mirror in mirrors { report.diskBytesSent += try mirror.sendChanged(stream, staging) }
                 report.passes += 1
                 return
@@ -428,7 +449,7 @@ public final class MigrationSender: @unchecked Sendable {
             previousDirty = dirty.count
             passStart = monotonicNanoseconds()
             before = moved(report)
-            try sendPages(dirty, skipZero: false, &report)
+            try sendPass(dirty, rearm: true, &report)
             for mirror in mirrors { report.diskBytesSent += try mirror.sendChanged(stream, staging) }
             report.passes += 1
             try acknowledgedPass(report)
@@ -461,47 +482,101 @@ public final class MigrationSender: @unchecked Sendable {
         return Double(bytes) / seconds
     }
 
-    /// Every page the guest has touched (present or swapped in this process: `/proc/self/pagemap`),
-    /// as guest-physical addresses. Pages never touched are holes and stay holes.
-    private func touchedPages() -> [UInt64] {
-        var pages: [UInt64] = []
-        let pagemap = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC)
-        defer { if pagemap >= 0 { close(pagemap) } }
-        var entries = [UInt64](repeating: 0, count: 65536)
-        for region in machine.memory.regions {
-            let count = Int(region.size) / MigrationStream.pageSize
-            var page = 0
-            while page < count {
-                let batch = min(entries.count, count - page)
-                var known = false
-                if pagemap >= 0 {
-                    let offset = off_t((Int(region.hostAddress) / MigrationStream.pageSize + page) * 8)
-                    known = entries.withUnsafeMutableBytes { pread(pagemap, $0.baseAddress, batch * 8, offset) } == batch * 8
-                }
-                for i in 0..<batch where !known || entries[i] & (3 << 62) != 0 {
-                    pages.append(region.guestAddress + UInt64((page + i) * MigrationStream.pageSize))
-                }
-                page += batch
-            }
-        }
-        return pages
+    /// Dirty pages, one bitmap per memory region (bit i: the region's page i).
+    private struct DirtyPages {
+        var maps: [[UInt64]]
+        var count: Int
     }
 
-    private func dirtyPages() throws(MigrationError) -> [UInt64] {
+    /// Reads the dirty log (and the VMM's own writes). Under manual protection this re-arms
+    /// nothing: ``sendPass(_:rearm:_:)`` does, a chunk at a time.
+    private func dirtyPages() throws(MigrationError) -> DirtyPages {
+        let start = monotonicNanoseconds()
+        defer { dirtyLogNanoseconds += monotonicNanoseconds() - start }
         let maps: [[UInt64]]
         do throws(KVMError) { maps = try machine.takeDirtyPages() } catch { throw .machine("reading the dirty log: \(error)") }
-        var pages: [UInt64] = []
-        for (region, bitmap) in zip(machine.memory.regions, maps) {
-            for (wordIndex, word) in bitmap.enumerated() where word != 0 {
-                var bits = word
-                while bits != 0 {
-                    let bit = bits.trailingZeroBitCount
-                    bits &= bits - 1
-                    pages.append(region.guestAddress + UInt64((wordIndex * 64 + bit) * MigrationStream.pageSize))
+        return DirtyPages(maps: maps, count: maps.reduce(0) { $0 + $1.reduce(0) { $0 + $1.nonzeroBitCount } })
+    }
+
+    /// Pages re-armed together under manual protection (16 MiB): small enough that the guest's
+    /// write-protection stalls stay short and a page is read soon after its re-arm, large enough
+    /// that the ioctls cost nothing next to the copying.
+    static let rearmChunkPages = 4096
+    private static let everyPage = [UInt64](repeating: ~0, count: rearmChunkPages / 64)
+
+    /// Sends one pass, region by region, a chunk of ``rearmChunkPages`` at a time.
+    ///
+    /// `dirty` nil is the first pass: every page the guest has touched (present or swapped in this
+    /// process, per `/proc/self/pagemap`) and not zero; pages never touched are holes and stay
+    /// holes. Otherwise the pass sends what `dirty` names. With `rearm` under manual protection,
+    /// each chunk's bits are cleared in KVM's log before any of its pages is read, so a write
+    /// that lands after the read is logged for the next pass; the first pass re-arms whole chunks
+    /// (every page starts dirty) and reads the pagemap only after that, so a page first touched
+    /// meanwhile is either seen here or logged. The paused final pass needs no re-arm.
+    private func sendPass(_ dirty: DirtyPages?, rearm: Bool, _ report: inout MigrationReport) throws(MigrationError) {
+        let pageSize = MigrationStream.pageSize
+        let pagemap = dirty == nil ? open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC) : -1
+        defer { if pagemap >= 0 { close(pagemap) } }
+        var entries = [UInt64](repeating: 0, count: Self.rearmChunkPages)
+        var pending: [UInt64] = []
+        pending.reserveCapacity(2 * Self.rearmChunkPages)
+        let rearmDirty = rearm && protection.contains(.manual)
+        let rearmAll = rearm && protection.contains(.initiallySet)
+        for (index, region) in machine.memory.regions.enumerated() {
+            let regionPages = Int(region.size) / pageSize
+            var first = 0
+            while first < regionPages {
+                let count = min(Self.rearmChunkPages, regionPages - first)
+                defer { first += count }
+                if let dirty {
+                    let map = dirty.maps[index]
+                    let words = first / 64..<min(map.count, (first + count + 63) / 64)
+                    guard map[words].contains(where: { $0 != 0 }) else { continue }
+                    if rearmDirty {
+                        try rearmChunk(region: index, first: first, count: count, bitmap: map, word: first / 64)
+                    }
+                    for wordIndex in words {
+                        var bits = map[wordIndex]
+                        while bits != 0 {
+                            let bit = bits.trailingZeroBitCount
+                            bits &= bits - 1
+                            pending.append(region.guestAddress + UInt64((wordIndex * 64 + bit) * pageSize))
+                        }
+                    }
+                } else {
+                    if rearmAll {
+                        try rearmChunk(region: index, first: first, count: count, bitmap: Self.everyPage, word: 0)
+                    }
+                    var known = false
+                    if pagemap >= 0 {
+                        let offset = off_t((Int(region.hostAddress) / pageSize + first) * 8)
+                        known = entries.withUnsafeMutableBytes { pread(pagemap, $0.baseAddress, count * 8, offset) } == count * 8
+                    }
+                    for i in 0..<count where !known || entries[i] & (3 << 62) != 0 {
+                        pending.append(region.guestAddress + UInt64((first + i) * pageSize))
+                    }
+                }
+                if pending.count >= Self.rearmChunkPages {
+                    try sendPages(pending, skipZero: dirty == nil, &report)
+                    pending.removeAll(keepingCapacity: true)
                 }
             }
         }
-        return pages
+        if !pending.isEmpty { try sendPages(pending, skipZero: dirty == nil, &report) }
+    }
+
+    /// Re-arms `count` pages of a region from its page `first`, those whose bits are set in
+    /// `bitmap` from its word `word`.
+    private func rearmChunk(region: Int, first: Int, count: Int, bitmap: [UInt64], word: Int) throws(MigrationError) {
+        let start = monotonicNanoseconds()
+        defer { dirtyLogNanoseconds += monotonicNanoseconds() - start }
+        let failure: KVMError? = bitmap.withUnsafeBytes { raw in
+            do throws(KVMError) {
+                try machine.rearmDirtyPages(region: region, firstPage: first, pages: count, bitmap: raw.baseAddress! + word * 8)
+            } catch { return error }
+            return nil
+        }
+        if let failure { throw .machine("re-arming the dirty log: \(failure)") }
     }
 
     /// Sends pages in sections of up to 256, each in one of ``PageEncoding``'s forms, encoded or
