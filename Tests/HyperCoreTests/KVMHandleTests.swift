@@ -74,80 +74,83 @@ struct KVMHandleTests {
         #expect(try vm.interruptControllerState().count == 3)
     }
 
-    @Test("a dirty log reports exactly the pages a guest wrote")
-    func dirtyLog() throws {
-        // A real-mode guest writing to pages 0x20 and 0x22 (addresses 0x20000, 0x22000), then exiting.
+    /// A VM with 1 MiB of RAM in slot 0 and a real-mode guest that writes to pages 0x20 and 0x22
+    /// (addresses 0x20000, 0x22000) and then exits through `out 0x501`.
+    struct PageWriter {
         // mov ax,0x2000; mov ds,ax; mov byte [0],1; mov ax,0x2200; mov ds,ax; mov byte [0],1;
         // mov dx,0x501; mov al,0; out dx,al
-        let code: [UInt8] = [0xB8, 0x00, 0x20, 0x8E, 0xD8, 0xC6, 0x06, 0x00, 0x00, 0x01,
-                             0xB8, 0x00, 0x22, 0x8E, 0xD8, 0xC6, 0x06, 0x00, 0x00, 0x01,
-                             0xBA, 0x01, 0x05, 0xB0, 0x00, 0xEE, 0xF4]
-        let kvm = try KVM()
-        let vm = try kvm.createVirtualMachine()
-        let memory = try GuestMemory(size: 1 << 20)
-        let region = memory.regions[0]
-        try vm.setMemoryRegion(slot: 0, guestAddress: 0, size: region.size, hostAddress: region.hostAddress, flags: .logDirtyPages)
-        try memory.write(at: 0x10000, bytes: code)
-        let vcpu = try vm.createVCPU(id: 0)
-        let boot = BootState(registers: { var r = Registers(); r.rip = 0; r.rflags = 2; return r }(), mode: .real(segment: 0x1000))
-        try vcpu.setSpecialRegisters(boot.specialRegisters(from: try vcpu.specialRegisters()))
-        try vcpu.setRegisters(boot.registers)
-        _ = try vm.dirtyLog(slot: 0, pages: 256) // clear what loading dirtied
-        while ckvm_ioctl(vcpu.fileDescriptor, CKVM_RUN) == 0, vcpu.run.pointee.exit_reason == UInt32(KVM_EXIT_IO),
-              vcpu.run.pointee.io.port != 0x501 {}
-        let bitmap = try vm.dirtyLog(slot: 0, pages: 256)
-        let dirty = (0..<256).filter { bitmap[$0 / 64] & (1 << UInt64($0 % 64)) != 0 }
-        #expect(dirty == [0x20, 0x22])
-    }
+        static let code: [UInt8] = [0xB8, 0x00, 0x20, 0x8E, 0xD8, 0xC6, 0x06, 0x00, 0x00, 0x01,
+                                    0xB8, 0x00, 0x22, 0x8E, 0xD8, 0xC6, 0x06, 0x00, 0x00, 0x01,
+                                    0xBA, 0x01, 0x05, 0xB0, 0x00, 0xEE, 0xF4]
+        let vm: VirtualMachine
+        let memory: GuestMemory
+        let vcpu: VCPU
 
-    @Test("manual dirty-log protection: every page starts dirty, reading clears nothing, a clear re-arms exactly its pages")
-    func manualDirtyLog() throws {
-        // The guest of the test above: writes pages 0x20 and 0x22, then `out 0x501`.
-        let code: [UInt8] = [0xB8, 0x00, 0x20, 0x8E, 0xD8, 0xC6, 0x06, 0x00, 0x00, 0x01,
-                             0xB8, 0x00, 0x22, 0x8E, 0xD8, 0xC6, 0x06, 0x00, 0x00, 0x01,
-                             0xBA, 0x01, 0x05, 0xB0, 0x00, 0xEE, 0xF4]
-        let kvm = try KVM()
-        let vm = try kvm.createVirtualMachine()
-        let offered = vm.supportedDirtyLogProtection
-        guard offered.contains([.manual, .initiallySet]) else {
-            print("skipped: this KVM does not offer KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with initially-set (offers \(offered.rawValue))")
-            return
+        init(vm: VirtualMachine, flags: VirtualMachine.MemoryRegionFlags) throws {
+            self.vm = vm
+            memory = try GuestMemory(size: 1 << 20)
+            vcpu = try vm.createVCPU(id: 0)
+            try setFlags(flags)
+            try memory.write(at: 0x10000, bytes: Self.code)
         }
-        let memory = try GuestMemory(size: 1 << 20)
-        let region = memory.regions[0]
-        try memory.write(at: 0x10000, bytes: code)
-        try vm.setMemoryRegion(slot: 0, guestAddress: 0, size: region.size, hostAddress: region.hostAddress)
-        let vcpu = try vm.createVCPU(id: 0)
-        func runGuest() throws {
+
+        func setFlags(_ flags: VirtualMachine.MemoryRegionFlags) throws {
+            let region = memory.regions[0]
+            try vm.setMemoryRegion(slot: 0, guestAddress: 0, size: region.size, hostAddress: region.hostAddress, flags: flags)
+        }
+
+        /// Runs the guest from its first instruction to its exit.
+        func run() throws {
             let boot = BootState(registers: { var r = Registers(); r.rip = 0; r.rflags = 2; return r }(), mode: .real(segment: 0x1000))
             try vcpu.setSpecialRegisters(boot.specialRegisters(from: try vcpu.specialRegisters()))
             try vcpu.setRegisters(boot.registers)
             while ckvm_ioctl(vcpu.fileDescriptor, CKVM_RUN) == 0, vcpu.run.pointee.exit_reason == UInt32(KVM_EXIT_IO),
                   vcpu.run.pointee.io.port != 0x501 {}
         }
-        func dirty() throws -> [Int] {
+
+        /// The pages slot 0's dirty log reports.
+        func dirtyPages() throws -> [Int] {
             let bitmap = try vm.dirtyLog(slot: 0, pages: 256)
             return (0..<256).filter { bitmap[$0 / 64] & (1 << UInt64($0 % 64)) != 0 }
         }
-        try runGuest()   // maps the pages writable before logging starts: the clear must take that back
+    }
+
+    @Test("a dirty log reports exactly the pages a guest wrote")
+    func dirtyLog() throws {
+        let guest = try PageWriter(vm: try KVM().createVirtualMachine(), flags: .logDirtyPages)
+        _ = try guest.dirtyPages() // clear what loading dirtied
+        try guest.run()
+        #expect(try guest.dirtyPages() == [0x20, 0x22])
+    }
+
+    @Test("manual dirty-log protection: every page starts dirty, reading clears nothing, a clear re-arms exactly its pages")
+    func manualDirtyLog() throws {
+        let vm = try KVM().createVirtualMachine()
+        let offered = vm.supportedDirtyLogProtection
+        guard offered.contains([.manual, .initiallySet]) else {
+            print("skipped: this KVM does not offer KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 with initially-set (offers \(offered.rawValue))")
+            return
+        }
+        let guest = try PageWriter(vm: vm, flags: [])
+        try guest.run()   // maps the pages writable before logging starts: the clear must take that back
         try vm.setDirtyLogProtection([.manual, .initiallySet])
-        try vm.setMemoryRegion(slot: 0, guestAddress: 0, size: region.size, hostAddress: region.hostAddress, flags: .logDirtyPages)
-        #expect(try dirty() == Array(0..<256), "initially set: every page reported")
-        #expect(try dirty() == Array(0..<256), "reading does not clear")
+        try guest.setFlags(.logDirtyPages)
+        #expect(try guest.dirtyPages() == Array(0..<256), "initially set: every page reported")
+        #expect(try guest.dirtyPages() == Array(0..<256), "reading does not clear")
         let everything = [UInt64](repeating: ~0, count: 4)
         try everything.withUnsafeBytes { try vm.clearDirtyLog(slot: 0, firstPage: 0, pages: 256, bitmap: $0.baseAddress!) }
-        #expect(try dirty() == [])
-        try runGuest()
-        #expect(try dirty() == [0x20, 0x22], "writes after the clear are logged")
+        #expect(try guest.dirtyPages() == [])
+        try guest.run()
+        #expect(try guest.dirtyPages() == [0x20, 0x22], "writes after the clear are logged")
         let page0x20: [UInt64] = [1 << 0x20]
         try page0x20.withUnsafeBytes { try vm.clearDirtyLog(slot: 0, firstPage: 0, pages: 64, bitmap: $0.baseAddress!) }
-        #expect(try dirty() == [0x22], "a clear touches only its bits")
-        try runGuest()
-        #expect(try dirty() == [0x20, 0x22], "the cleared page was write-protected again")
+        #expect(try guest.dirtyPages() == [0x22], "a clear touches only its bits")
+        try guest.run()
+        #expect(try guest.dirtyPages() == [0x20, 0x22], "the cleared page was write-protected again")
         #expect {
             try page0x20.withUnsafeBytes { try vm.clearDirtyLog(slot: 0, firstPage: 32, pages: 64, bitmap: $0.baseAddress!) }
         } throws: { ($0 as? KVMError)?.description.contains("KVM_CLEAR_DIRTY_LOG") == true }
-        try vm.setMemoryRegion(slot: 0, guestAddress: 0, size: region.size, hostAddress: region.hostAddress)
+        try guest.setFlags([])
         try vm.setDirtyLogProtection([])
     }
 }

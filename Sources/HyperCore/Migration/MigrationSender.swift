@@ -517,7 +517,7 @@ public final class MigrationSender: @unchecked Sendable {
         let pageSize = MigrationStream.pageSize
         let pagemap = dirty == nil ? open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC) : -1
         defer { if pagemap >= 0 { close(pagemap) } }
-        var entries = [UInt64](repeating: 0, count: Self.rearmChunkPages)
+        var entries = [UInt64](repeating: 0, count: dirty == nil ? Self.rearmChunkPages : 0)   // pagemap, first pass only
         var pending: [UInt64] = []
         pending.reserveCapacity(2 * Self.rearmChunkPages)
         let rearmDirty = rearm && protection.contains(.manual)
